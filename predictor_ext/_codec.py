@@ -1,0 +1,646 @@
+"""The error-bounded predictor codec: closed-loop exponential smoothing, context models, range coder.
+
+This one file is both implementations. Run as plain Python it is the pure twin; compiled by
+Cython together with ``_codec.pxd`` (which only adds C types) it is the extension. Every
+arithmetic step is written so that Python ints and C 64-bit ints give the same result: no
+value leaves the ranges the comments state, and the predictor state is fixed-point integers,
+so neither implementation nor any C compiler (FMA contraction included) can change a result.
+
+Layout of one coded block (one device's frames), all inside one range-coder stream:
+timestamps (delta of delta), sequence numbers (delta minus one), then each field's column.
+"""
+
+import struct
+
+from ._errors import CodecError
+
+# Fixed-point predictor state: values in units of the quantisation step (2 * tol), _SCALE_BITS
+# fractional bits. |x / step| < _D_MAX keeps every product below 2**62 (see _encode_column).
+_SCALE_BITS = 12
+_SCALE = 1 << _SCALE_BITS
+_INV_SCALE = 1.0 / _SCALE
+_D_MAX = 17179869184.0  # 2**34
+_L_MAX = 1 << 47  # clamp for level and prediction
+_T_MAX = 1 << 46  # clamp for the trend
+_Q_MAX = 1 << 36  # no residual of a valid stream reaches this
+_I_MAX = 1 << 59  # timestamps and sequence numbers stay below this in magnitude
+ALPHA_ONE = 1 << 12  # smoothing factors are integers n / ALPHA_ONE
+
+LEVEL = 0
+TREND = 1
+
+# Range coder (LZMA style): 32-bit range, 16-bit probabilities of a zero bit.
+_TOP = 1 << 24
+_U32 = 0xFFFFFFFF
+_LOW_CARRY = 0xFF000000  # low at or above this may still carry into the cached byte
+_PROB_INIT = 1 << 15
+_P_MIN = 31
+_P_MAX = 65536 - 31
+# Adaptation: rate 1/(n+2) for the n-th update (a KT estimator while young), then 1/_RATE_N.
+_RATE_N = 40
+
+# Context layout of one integer model (reset for each column).
+_C_ZERO = 0  # 9: zero run (0, 1, 2+) x last magnitude class
+_C_SIGN = 9  # 4: last sign x previous value was non-zero
+_C_MAG = 13  # 6 x 24: unary bit length, by last bit length class
+_C_MANT = 157  # 64: top mantissa bit, by bit length
+_C_SPEC = 221  # 2: special value flag, by previous special
+_C_KIND = 223  # 4: which special
+_N_CTX = 227
+_K_MAX = 63  # bit length of the largest magnitude (|q| < 2**63)
+
+# Special values, coded only in columns that hold any.
+_SPEC_NAN = 0
+_SPEC_MISSING = 1
+_SPEC_POS_INF = 2
+_SPEC_NEG_INF = 3
+_SPEC_RAW = 4
+
+# A missing value travels through float arrays as a NaN with this payload.
+MISSING_BITS = 0x7FF8_6772_6964_0001
+MISSING = struct.unpack("<d", struct.pack("<Q", MISSING_BITS))[0]
+
+
+def double_bits(x):
+    """The IEEE-754 bit pattern of a double as an unsigned 64-bit int."""
+    return struct.unpack("<Q", struct.pack("<d", x))[0]
+
+
+def bits_double(b):
+    """The double with IEEE-754 bit pattern ``b``."""
+    return struct.unpack("<d", struct.pack("<Q", b))[0]
+
+
+def reconstruct(r, step):
+    """The value a fixed-point state ``r`` (units of step / _SCALE) stands for.
+
+    float(r) is exact (|r| < 2**53), the product rounds once and the power-of-two scale is
+    exact: no sum, so nothing for a compiler to contract.
+    """
+    return (r * step) * _INV_SCALE
+
+
+def floor_int(t):
+    """floor(t) as an int, for |t| < 2**62."""
+    q = int(t)
+    if q > t:
+        q -= 1
+    return q
+
+
+def quantise(d, p):
+    """round(d - p / _SCALE): the residual, in steps, of d against a fixed-point prediction p."""
+    # p * _INV_SCALE is exact, so an FMA of the subtraction gives the same double.
+    return floor_int((d - p * _INV_SCALE) + 0.5)
+
+
+def _clamp(v, lim):
+    if v > lim:
+        return lim
+    if v < -lim:
+        return -lim
+    return v
+
+
+def _bit_length(m):
+    k = 0
+    while m:
+        m >>= 1
+        k += 1
+    return k
+
+
+class Encoder:
+    """Binary range encoder with the integer context model of one column."""
+
+    def __init__(self, size_hint=64):
+        self.low = 0
+        self.rng = _U32
+        self.cache = 0
+        self.cache_size = 1
+        self.data = bytearray(max(16, size_hint))
+        self.buf = self.data
+        self.pos = 0
+        self.probs_arr = bytearray(4 * _N_CTX)
+        self.probs = memoryview(self.probs_arr).cast("I")
+        self.zrun = 0
+        self.lastk = 0
+        self.lastneg = 0
+        self.lastspec = 0
+        self.reset_model()
+
+    def reset_model(self):
+        for i in range(_N_CTX):
+            self.probs[i] = _PROB_INIT
+        self.zrun = 0
+        self.lastk = 0
+        self.lastneg = 0
+        self.lastspec = 0
+
+    def reserve(self, k):
+        """Make room for k more bytes; coding one value never writes more than 256."""
+        if self.pos + k > len(self.data):
+            grown = bytearray(max(2 * len(self.data), self.pos + k))
+            grown[: self.pos] = self.data
+            self.data = grown
+            self.buf = self.data
+
+    def _out(self, b):
+        self.buf[self.pos] = b
+        self.pos += 1
+
+    def _shift_low(self):
+        if self.low < _LOW_CARRY or self.low > _U32:
+            carry = self.low >> 32
+            temp = self.cache
+            while True:
+                self._out((temp + carry) & 0xFF)
+                temp = 0xFF
+                self.cache_size -= 1
+                if self.cache_size == 0:
+                    break
+            self.cache = (self.low >> 24) & 0xFF
+        self.cache_size += 1
+        self.low = (self.low & 0x00FFFFFF) << 8
+
+    def bit(self, i, b):
+        """Code bit b with context i and adapt that context."""
+        s = self.probs[i]
+        p = s & 0xFFFF
+        n = s >> 16
+        bound = (self.rng >> 16) * p
+        if b:
+            self.low += bound
+            self.rng -= bound
+            if n < _RATE_N - 2:
+                p -= p // (n + 2)
+                n += 1
+            else:
+                p -= p // _RATE_N
+            if p < _P_MIN:
+                p = _P_MIN
+        else:
+            self.rng = bound
+            if n < _RATE_N - 2:
+                p += (65536 - p) // (n + 2)
+                n += 1
+            else:
+                p += (65536 - p) // _RATE_N
+            if p > _P_MAX:
+                p = _P_MAX
+        self.probs[i] = p | (n << 16)
+        while self.rng < _TOP:
+            self.rng <<= 8
+            self._shift_low()
+
+    def bypass(self, v, nbits):
+        """Code the low nbits of v, most significant first, at one bit each."""
+        while nbits > 0:
+            nbits -= 1
+            self.rng >>= 1
+            if (v >> nbits) & 1:
+                self.low += self.rng
+            while self.rng < _TOP:
+                self.rng <<= 8
+                self._shift_low()
+
+    def put_int(self, q):
+        """Code a signed residual with the adaptive zero / sign / bit-length / mantissa model."""
+        lk = self.lastk
+        zc = self.zrun * 3 + (lk if lk < 3 else 2)
+        if q == 0:
+            self.bit(_C_ZERO + zc, 0)
+            if self.zrun < 2:
+                self.zrun += 1
+            return
+        self.bit(_C_ZERO + zc, 1)
+        neg = 0
+        m = q
+        if q < 0:
+            neg = 1
+            m = -q
+        self.bit(_C_SIGN + self.lastneg * 2 + (1 if self.zrun == 0 else 0), neg)
+        k = _bit_length(m)
+        base = _C_MAG + (lk if lk < 5 else 5) * 24
+        j = 1
+        while j < k:
+            self.bit(base + (j - 1 if j < 24 else 23), 1)
+            j += 1
+        if k < _K_MAX:
+            self.bit(base + (k - 1 if k < 24 else 23), 0)
+        if k > 1:
+            self.bit(_C_MANT + k, (m >> (k - 2)) & 1)
+            if k > 2:
+                self.bypass(m, k - 2)
+        self.zrun = 0
+        self.lastk = k
+        self.lastneg = neg
+
+    def put_special(self, kind, raw):
+        self.bit(_C_KIND, 1 if kind >= _SPEC_POS_INF else 0)
+        if kind < _SPEC_POS_INF:
+            self.bit(_C_KIND + 1, kind)
+        else:
+            self.bit(_C_KIND + 2, 1 if kind == _SPEC_RAW else 0)
+            if kind == _SPEC_RAW:
+                self.bypass(raw >> 32, 32)
+                self.bypass(raw & _U32, 32)
+            else:
+                self.bit(_C_KIND + 3, kind - _SPEC_POS_INF)
+
+    def special_flag(self, f):
+        self.bit(_C_SPEC + self.lastspec, f)
+        self.lastspec = f
+
+    def put_first(self, q):
+        """A column's first value against no prediction: sign and Elias-gamma, bypass coded."""
+        neg = 0
+        m = q
+        if q < 0:
+            neg = 1
+            m = -q
+        m += 1
+        k = _bit_length(m)
+        self.bypass(neg, 1)
+        self.bypass(0, k - 1)
+        self.bypass(m, k)
+
+    def finish(self):
+        self.reserve(16)
+        for _ in range(5):
+            self._shift_low()
+        return bytes(self.data[: self.pos])
+
+
+class Decoder:
+    """The range decoder twin of Encoder; reading past the end is recorded, never a crash."""
+
+    def __init__(self, data, start, end):
+        self.data = data
+        self.buf = data
+        self.pos = start
+        self.end = end
+        self.overrun = 0
+        self.rng = _U32
+        self.code = 0
+        self.probs_arr = bytearray(4 * _N_CTX)
+        self.probs = memoryview(self.probs_arr).cast("I")
+        self.zrun = 0
+        self.lastk = 0
+        self.lastneg = 0
+        self.lastspec = 0
+        self.reset_model()
+        if end - start < 5 or self.buf[start] != 0:
+            raise CodecError("coded block is too short or does not start a range-coder stream")
+        self.pos += 1
+        for _ in range(4):
+            self.code = (self.code << 8) | self._in()
+
+    def reset_model(self):
+        for i in range(_N_CTX):
+            self.probs[i] = _PROB_INIT
+        self.zrun = 0
+        self.lastk = 0
+        self.lastneg = 0
+        self.lastspec = 0
+
+    def _in(self):
+        if self.pos < self.end:
+            b = self.buf[self.pos]
+            self.pos += 1
+            return b
+        self.overrun += 1
+        return 0
+
+    def bit(self, i):
+        s = self.probs[i]
+        p = s & 0xFFFF
+        n = s >> 16
+        bound = (self.rng >> 16) * p
+        if self.code >= bound:
+            self.code -= bound
+            self.rng -= bound
+            b = 1
+            if n < _RATE_N - 2:
+                p -= p // (n + 2)
+                n += 1
+            else:
+                p -= p // _RATE_N
+            if p < _P_MIN:
+                p = _P_MIN
+        else:
+            self.rng = bound
+            b = 0
+            if n < _RATE_N - 2:
+                p += (65536 - p) // (n + 2)
+                n += 1
+            else:
+                p += (65536 - p) // _RATE_N
+            if p > _P_MAX:
+                p = _P_MAX
+        self.probs[i] = p | (n << 16)
+        while self.rng < _TOP:
+            self.rng <<= 8
+            self.code = (self.code << 8) | self._in()
+        return b
+
+    def bypass(self, nbits):
+        v = 0
+        while nbits > 0:
+            nbits -= 1
+            self.rng >>= 1
+            v <<= 1
+            if self.code >= self.rng:
+                self.code -= self.rng
+                v |= 1
+            while self.rng < _TOP:
+                self.rng <<= 8
+                self.code = (self.code << 8) | self._in()
+        return v
+
+    def get_int(self):
+        lk = self.lastk
+        zc = self.zrun * 3 + (lk if lk < 3 else 2)
+        if self.bit(_C_ZERO + zc) == 0:
+            if self.zrun < 2:
+                self.zrun += 1
+            return 0
+        neg = self.bit(_C_SIGN + self.lastneg * 2 + (1 if self.zrun == 0 else 0))
+        base = _C_MAG + (lk if lk < 5 else 5) * 24
+        k = 1
+        while k < _K_MAX and self.bit(base + (k - 1 if k < 24 else 23)):
+            k += 1
+        m = 1
+        if k > 1:
+            m = 2 | self.bit(_C_MANT + k)
+            if k > 2:
+                m = (m << (k - 2)) | self.bypass(k - 2)
+        self.zrun = 0
+        self.lastk = k
+        self.lastneg = neg
+        if neg:
+            return -m
+        return m
+
+    def get_special(self):
+        """The kind of a special value and, for _SPEC_RAW, its 64 bits."""
+        if self.bit(_C_KIND) == 0:
+            return self.bit(_C_KIND + 1), 0
+        if self.bit(_C_KIND + 2):
+            hi = self.bypass(32)
+            return _SPEC_RAW, (hi << 32) | self.bypass(32)
+        return _SPEC_POS_INF + self.bit(_C_KIND + 3), 0
+
+    def special_flag(self):
+        f = self.bit(_C_SPEC + self.lastspec)
+        self.lastspec = f
+        return f
+
+    def get_first(self):
+        neg = self.bypass(1)
+        k = 1
+        while k < 64 and self.bypass(1) == 0:
+            k += 1
+        if k >= 64:
+            raise CodecError("first value of a column is out of range")
+        m = 1
+        m = ((m << (k - 1)) | self.bypass(k - 1)) - 1
+        if neg:
+            return -m
+        return m
+
+
+def _special_kind(x):
+    if x != x:
+        if double_bits(x) == MISSING_BITS:
+            return _SPEC_MISSING
+        return _SPEC_NAN
+    if x == float("inf"):
+        return _SPEC_POS_INF
+    if x == float("-inf"):
+        return _SPEC_NEG_INF
+    return _SPEC_RAW
+
+
+def _special_value(kind, raw):
+    if kind == _SPEC_NAN:
+        return float("nan")
+    if kind == _SPEC_MISSING:
+        return MISSING
+    if kind == _SPEC_POS_INF:
+        return float("inf")
+    if kind == _SPEC_NEG_INF:
+        return float("-inf")
+    return bits_double(raw)
+
+
+def _encode_column(enc, xs, n, tol, kind, alpha, beta, recon):
+    """Code n values of one field; recon receives what the decoder will reconstruct."""
+    step = 2.0 * tol
+    trend = 1 if kind == TREND else 0
+    specials = 0
+    for i in range(n):
+        if not (abs(xs[i] / step) < _D_MAX):  # NaN fails every comparison
+            specials = 1
+            break
+    enc.reset_model()
+    enc.bypass(specials, 1)
+    have = 0
+    s = 0  # level (fixed point)
+    t = 0  # trend (fixed point), TREND only
+    for i in range(n):
+        enc.reserve(256)
+        x = xs[i]
+        d = x / step
+        if specials:
+            if not (abs(d) < _D_MAX):
+                enc.special_flag(1)
+                sk = _special_kind(x)
+                raw = double_bits(x) if sk == _SPEC_RAW else 0
+                enc.put_special(sk, raw)
+                recon[i] = _special_value(sk, raw)
+                continue
+            enc.special_flag(0)
+        if trend:
+            p = _clamp(s + t, _L_MAX)
+        else:
+            p = s
+        if not have:
+            p = 0
+        q = quantise(d, p)
+        r = p + q * _SCALE
+        y = reconstruct(r, step)
+        if abs(y - x) > tol:
+            # Only float rounding near a half step lands here; the neighbour is inside tol.
+            if y < x:
+                q += 1
+                r += _SCALE
+            else:
+                q -= 1
+                r -= _SCALE
+            y = reconstruct(r, step)
+            if abs(y - x) > tol:
+                raise CodecError("value %r cannot be held within tolerance %r" % (x, tol))
+        recon[i] = y
+        if not have:
+            enc.put_first(q)
+            s = r
+            t = 0
+            have = 1
+            continue
+        enc.put_int(q)
+        if trend:
+            lv = _clamp(p + (((r - p) * alpha) >> _SCALE_BITS), _L_MAX)
+            t = _clamp(t + ((((lv - s) - t) * beta) >> _SCALE_BITS), _T_MAX)
+            s = lv
+        else:
+            s = s + (((r - s) * alpha) >> _SCALE_BITS)
+
+
+def _decode_column(dec, out, n, tol, kind, alpha, beta):
+    step = 2.0 * tol
+    trend = 1 if kind == TREND else 0
+    dec.reset_model()
+    specials = dec.bypass(1)
+    have = 0
+    s = 0
+    t = 0
+    for i in range(n):
+        if specials and dec.special_flag():
+            sk, raw = dec.get_special()
+            out[i] = _special_value(sk, raw)
+            continue
+        if not have:
+            q = dec.get_first()
+            if q >= _D_MAX or q <= -_D_MAX:
+                raise CodecError("first value of a column is out of range")
+            r = q * _SCALE
+            out[i] = reconstruct(r, step)
+            s = r
+            t = 0
+            have = 1
+            continue
+        q = dec.get_int()
+        if trend:
+            p = _clamp(s + t, _L_MAX)
+        else:
+            p = s
+        if q >= _Q_MAX or q <= -_Q_MAX:
+            raise CodecError("residual out of range")
+        r = p + q * _SCALE
+        if r >= _L_MAX or r <= -_L_MAX:
+            raise CodecError("reconstruction out of range")
+        out[i] = reconstruct(r, step)
+        if trend:
+            lv = _clamp(p + (((r - p) * alpha) >> _SCALE_BITS), _L_MAX)
+            t = _clamp(t + ((((lv - s) - t) * beta) >> _SCALE_BITS), _T_MAX)
+            s = lv
+        else:
+            s = s + (((r - s) * alpha) >> _SCALE_BITS)
+        if dec.overrun > 4:
+            raise CodecError("coded block is truncated")
+
+
+def _encode_ints(enc, vs, n, first, ddelta):
+    """Code an int64 series after its first value: deltas, or deltas of deltas."""
+    enc.reset_model()
+    prev = first
+    pd = 0
+    for i in range(1, n):
+        enc.reserve(256)
+        v = vs[i]
+        if not (-_I_MAX < v < _I_MAX):
+            raise ValueError("timestamp or sequence number out of range at row %d" % i)
+        dl = v - prev
+        if ddelta:
+            enc.put_int(dl - pd)
+            pd = dl
+        else:
+            enc.put_int(dl - 1)
+        prev = v
+
+
+def _decode_ints(dec, out, n, first, ddelta):
+    dec.reset_model()
+    out[0] = first
+    prev = first
+    pd = 0
+    for i in range(1, n):
+        q = dec.get_int()
+        if q >= 4 * _I_MAX or q <= -4 * _I_MAX:
+            raise CodecError("timestamp or sequence number out of range")
+        if ddelta:
+            dl = pd + q
+            pd = dl
+        else:
+            dl = q + 1
+        if dl >= 2 * _I_MAX or dl <= -2 * _I_MAX:
+            raise CodecError("timestamp or sequence number out of range")
+        v = prev + dl
+        if v >= _I_MAX or v <= -_I_MAX:
+            raise CodecError("timestamp or sequence number out of range")
+        out[i] = v
+        prev = v
+        if dec.overrun > 4:
+            raise CodecError("coded block is truncated")
+
+
+
+def check_params(tols, kinds, alphas, betas):
+    """Validate per-field model parameters; raise ValueError naming the bad one."""
+    for j in range(len(tols)):
+        tol = tols[j]
+        if not (1e-12 <= tol <= 1e15):
+            raise ValueError("field %d: tolerance %r is outside [1e-12, 1e15]" % (j, tol))
+        if kinds[j] != LEVEL and kinds[j] != TREND:
+            raise ValueError("field %d: unknown model kind %r" % (j, kinds[j]))
+        if not (1 <= alphas[j] <= ALPHA_ONE) or not (0 <= betas[j] <= ALPHA_ONE):
+            raise ValueError("field %d: smoothing factors out of range" % j)
+
+
+def encode_block(ts, seqs, columns, tols, kinds, alphas, betas, recons):
+    """Code one device's frames: ts and seqs are int64 arrays of n values, columns float64
+    arrays of n values each. recons, if not None, receives the reconstructed columns.
+    Returns the coded bytes (the first timestamp and sequence number travel outside)."""
+    n = len(ts)
+    nf = len(columns)
+    if len(seqs) != n:
+        raise ValueError("timestamps and sequence numbers differ in length")
+    if len(tols) != nf or len(kinds) != nf or len(alphas) != nf or len(betas) != nf:
+        raise ValueError("one tolerance, kind and smoothing pair per column")
+    check_params(tols, kinds, alphas, betas)
+    if n and not (-_I_MAX < ts[0] < _I_MAX and -_I_MAX < seqs[0] < _I_MAX):
+        raise ValueError("timestamp or sequence number out of range at row 0")
+    enc = Encoder(n * nf // 2 + 64)
+    if n == 0:
+        return enc.finish()
+    _encode_ints(enc, ts, n, ts[0], 1)
+    _encode_ints(enc, seqs, n, seqs[0], 0)
+    scratch = array_d(n)
+    for j in range(nf):
+        col = columns[j]
+        if len(col) != n:
+            raise ValueError("column %d holds %d values, expected %d" % (j, len(col), n))
+        out = scratch if recons is None else recons[j]
+        _encode_column(enc, col, n, tols[j], kinds[j], alphas[j], betas[j], out)
+    return enc.finish()
+
+
+def decode_block(data, n, first_ts, first_seq, tols, kinds, alphas, betas, ts, seqs, columns):
+    """Decode a block coded by encode_block into the preallocated ts, seqs and columns."""
+    nf = len(tols)
+    check_params(tols, kinds, alphas, betas)
+    if n == 0:
+        return
+    dec = Decoder(data, 0, len(data))
+    _decode_ints(dec, ts, n, first_ts, 1)
+    _decode_ints(dec, seqs, n, first_seq, 0)
+    for j in range(nf):
+        _decode_column(dec, columns[j], n, tols[j], kinds[j], alphas[j], betas[j])
+    if dec.overrun or dec.pos != dec.end:
+        raise CodecError("coded block length does not match its content")
+
+
+def array_d(n):
+    """A zeroed float64 buffer of n values, indexable by both implementations."""
+    return memoryview(bytearray(8 * n)).cast("d")

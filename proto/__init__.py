@@ -1,0 +1,1 @@
+"""The upload wire format: telemetry.proto and the Python code generated from it at build time."""
