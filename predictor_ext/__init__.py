@@ -22,6 +22,7 @@ __all__ = (
     "LEVEL",
     "MISSING",
     "MISSING_BITS",
+    "RESIDUAL_SPECIAL",
     "TREND",
     "CodecError",
     "array_d",
@@ -62,6 +63,7 @@ LEVEL = implementation.LEVEL
 TREND = implementation.TREND
 MISSING = implementation.MISSING
 MISSING_BITS = implementation.MISSING_BITS
+RESIDUAL_SPECIAL = implementation.RESIDUAL_SPECIAL
 array_d = implementation.array_d
 encode_block = implementation.encode_block
 decode_block = implementation.decode_block

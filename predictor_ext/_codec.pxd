@@ -117,7 +117,8 @@ cdef class Decoder:
                t="long long", x=double, d=double, p="long long", q="long long", r="long long",
                y=double, lv="long long", sk=int, raw="unsigned long long")
 cdef void _encode_column(Encoder enc, const double[:] xs, Py_ssize_t n, double tol, int kind,
-                         long long alpha, long long beta, double[:] recon) except *
+                         long long alpha, long long beta, double[:] recon, long long[:] qout,
+                         int want_q) except *
 
 @cython.locals(i=Py_ssize_t, step=double, trend=int, specials=int, have=int, s="long long",
                t="long long", p="long long", q="long long", r="long long", lv="long long",

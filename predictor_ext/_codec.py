@@ -56,6 +56,10 @@ _SPEC_POS_INF = 2
 _SPEC_NEG_INF = 3
 _SPEC_RAW = 4
 
+# Residual outputs mark special values as RESIDUAL_SPECIAL + their kind (NaN, missing, +inf,
+# -inf, raw), far above any real residual.
+RESIDUAL_SPECIAL = 1 << 40
+
 # A missing value travels through float arrays as a NaN with this payload.
 MISSING_BITS = 0x7FF8_6772_6964_0001
 MISSING = struct.unpack("<d", struct.pack("<Q", MISSING_BITS))[0]
@@ -434,8 +438,9 @@ def _special_value(kind, raw):
     return bits_double(raw)
 
 
-def _encode_column(enc, xs, n, tol, kind, alpha, beta, recon):
-    """Code n values of one field; recon receives what the decoder will reconstruct."""
+def _encode_column(enc, xs, n, tol, kind, alpha, beta, recon, qout, want_q):
+    """Code n values of one field; recon receives what the decoder will reconstruct and,
+    when want_q, qout the quantised residuals (RESIDUAL_SPECIAL + kind for special values)."""
     step = 2.0 * tol
     trend = 1 if kind == TREND else 0
     specials = 0
@@ -459,6 +464,8 @@ def _encode_column(enc, xs, n, tol, kind, alpha, beta, recon):
                 raw = double_bits(x) if sk == _SPEC_RAW else 0
                 enc.put_special(sk, raw)
                 recon[i] = _special_value(sk, raw)
+                if want_q:
+                    qout[i] = RESIDUAL_SPECIAL + sk
                 continue
             enc.special_flag(0)
         if trend:
@@ -482,6 +489,8 @@ def _encode_column(enc, xs, n, tol, kind, alpha, beta, recon):
             if abs(y - x) > tol:
                 raise CodecError("value %r cannot be held within tolerance %r" % (x, tol))
         recon[i] = y
+        if want_q:
+            qout[i] = q
         if not have:
             enc.put_first(q)
             s = r
@@ -598,9 +607,10 @@ def check_params(tols, kinds, alphas, betas):
             raise ValueError("field %d: smoothing factors out of range" % j)
 
 
-def encode_block(ts, seqs, columns, tols, kinds, alphas, betas, recons):
+def encode_block(ts, seqs, columns, tols, kinds, alphas, betas, recons, residuals=None):
     """Code one device's frames: ts and seqs are int64 arrays of n values, columns float64
-    arrays of n values each. recons, if not None, receives the reconstructed columns.
+    arrays of n values each. recons, if not None, receives the reconstructed columns, and
+    residuals, if not None, the quantised residuals (int64 arrays; see _encode_column).
     Returns the coded bytes (the first timestamp and sequence number travel outside)."""
     n = len(ts)
     nf = len(columns)
@@ -617,12 +627,15 @@ def encode_block(ts, seqs, columns, tols, kinds, alphas, betas, recons):
     _encode_ints(enc, ts, n, ts[0], 1)
     _encode_ints(enc, seqs, n, seqs[0], 0)
     scratch = array_d(n)
+    qscratch = memoryview(bytearray(8)).cast("q")
     for j in range(nf):
         col = columns[j]
         if len(col) != n:
             raise ValueError("column %d holds %d values, expected %d" % (j, len(col), n))
         out = scratch if recons is None else recons[j]
-        _encode_column(enc, col, n, tols[j], kinds[j], alphas[j], betas[j], out)
+        qout = qscratch if residuals is None else residuals[j]
+        want_q = 0 if residuals is None else 1
+        _encode_column(enc, col, n, tols[j], kinds[j], alphas[j], betas[j], out, qout, want_q)
     return enc.finish()
 
 
@@ -632,6 +645,8 @@ def decode_block(data, n, first_ts, first_seq, tols, kinds, alphas, betas, ts, s
     check_params(tols, kinds, alphas, betas)
     if n == 0:
         return
+    if not (-_I_MAX < first_ts < _I_MAX and -_I_MAX < first_seq < _I_MAX):
+        raise CodecError("first timestamp or sequence number out of range")
     dec = Decoder(data, 0, len(data))
     _decode_ints(dec, ts, n, first_ts, 1)
     _decode_ints(dec, seqs, n, first_seq, 0)

@@ -1,0 +1,94 @@
+"""The data model edge and hub share: fields, device schemas and frames."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Literal
+
+import msgspec
+
+__all__ = (
+    "DeviceSchema",
+    "Field",
+    "Frame",
+    "Model",
+    "default_field",
+)
+
+Model = Literal["level", "trend"]
+
+# Per-unit defaults measured by bench.codec on ../shared/data: a plain deadband (alpha 1) wins
+# on step-like power and current, light smoothing wins on smooth, noisy levels, and Holt (level
+# and trend) on counters that only grow.
+_DEFAULTS: dict[str, tuple[Model, float, float]] = {
+    "W": ("level", 1.0, 0.0),
+    "kW": ("level", 1.0, 0.0),
+    "var": ("level", 1.0, 0.0),
+    "kvar": ("level", 1.0, 0.0),
+    "VA": ("level", 1.0, 0.0),
+    "A": ("level", 1.0, 0.0),
+    "V": ("level", 0.5, 0.0),
+    "Hz": ("level", 0.5, 0.0),
+    "C": ("level", 0.75, 0.0),
+    "W/m2": ("level", 1.0, 0.0),
+    "%": ("level", 1.0, 0.0),
+    "Wh": ("trend", 1.0, 0.25),
+    "kWh": ("trend", 1.0, 0.25),
+}
+
+
+class Field(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One measurement of a device: its name carries its unit (``grid_power_w``)."""
+
+    name: str
+    unit: str
+    tol: float
+    """Every value the hub holds is within ``tol`` of the measured one (same unit)."""
+    model: Model = "level"
+    alpha: float = 1.0
+    """Level smoothing factor in (0, 1]; 1 is a plain deadband (hold the last value)."""
+    beta: float = 0.0
+    """Trend smoothing factor in [0, 1], for ``model="trend"``."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a field needs a name")
+        if not (math.isfinite(self.tol) and 1e-12 <= self.tol <= 1e15):
+            raise ValueError(f"field {self.name}: tolerance {self.tol!r} is outside [1e-12, 1e15]")
+        if not (0.0 < self.alpha <= 1.0) or round(self.alpha * 4096) < 1:
+            raise ValueError(f"field {self.name}: alpha {self.alpha!r} must be in (0, 1]")
+        if not (0.0 <= self.beta <= 1.0):
+            raise ValueError(f"field {self.name}: beta {self.beta!r} must be in [0, 1]")
+
+
+def default_field(name: str, unit: str, tol: float) -> Field:
+    """A field with the predictor that measured best for its unit."""
+    model, alpha, beta = _DEFAULTS.get(unit, ("level", 1.0, 0.0))
+    return Field(name=name, unit=unit, tol=tol, model=model, alpha=alpha, beta=beta)
+
+
+class DeviceSchema(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a device's frames hold: the fields, in order, and what the device is."""
+
+    kind: str
+    model: str
+    fields: tuple[Field, ...]
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.fields]
+        if len(set(names)) != len(names):
+            raise ValueError(f"schema {self.model!r} repeats a field name")
+
+    def digest(self) -> bytes:
+        """16 bytes that name this schema on the wire once the receiver holds it."""
+        return hashlib.sha256(msgspec.json.encode(self)).digest()[:16]
+
+
+class Frame(msgspec.Struct, frozen=True, array_like=True):
+    """One read of one device: values aligned with its schema's fields; None is missing."""
+
+    device_id: str
+    ts_ms: int
+    seq: int
+    values: tuple[float | None, ...]

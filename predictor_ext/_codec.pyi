@@ -1,0 +1,56 @@
+"""Typed API of the predictor codec (the Cython extension and its pure twin alike)."""
+
+from collections.abc import Buffer, Sequence
+
+from ._errors import CodecError as CodecError
+
+ALPHA_ONE: int
+"""Smoothing factors are integers n / ALPHA_ONE, 1 <= n <= ALPHA_ONE; ALPHA_ONE is a deadband."""
+LEVEL: int
+"""Model kind: simple exponential smoothing of the level."""
+TREND: int
+"""Model kind: Holt's level and trend, for counters."""
+MISSING: float
+"""A NaN with a payload of its own that stands for a missing value in float64 columns."""
+MISSING_BITS: int
+RESIDUAL_SPECIAL: int
+"""Residual outputs hold RESIDUAL_SPECIAL + kind for NaN (0), missing (1), +inf (2), -inf (3)
+and values outside the integer range, sent raw (4)."""
+
+def encode_block(
+    ts: Buffer,
+    seqs: Buffer,
+    columns: Sequence[Buffer],
+    tols: Sequence[float],
+    kinds: Sequence[int],
+    alphas: Sequence[int],
+    betas: Sequence[int],
+    recons: Sequence[Buffer] | None,
+    residuals: Sequence[Buffer] | None = None,
+) -> bytes:
+    """Code n rows: ``ts`` and ``seqs`` int64 buffers of n values (|v| < 2**59), ``columns``
+    float64 buffers of n values each; per column its tolerance, model kind and smoothing
+    factors. Writes reconstructions into ``recons`` and residuals into ``residuals`` (int64)
+    when given. Raises ValueError for parameters or sizes that do not fit."""
+
+def decode_block(
+    data: bytes,
+    n: int,
+    first_ts: int,
+    first_seq: int,
+    tols: Sequence[float],
+    kinds: Sequence[int],
+    alphas: Sequence[int],
+    betas: Sequence[int],
+    ts: Buffer,
+    seqs: Buffer,
+    columns: Sequence[Buffer],
+) -> None:
+    """Decode n rows coded by encode_block into preallocated writable buffers. Raises
+    CodecError for corrupt or truncated data, ValueError for bad parameters."""
+
+def reconstruct(r: int, step: float) -> float:
+    """The value a fixed-point predictor state stands for."""
+
+def array_d(n: int) -> memoryview:
+    """A zeroed float64 buffer of n values."""
