@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 import predictor_ext
 from proto import telemetry_pb2 as pb
 
-from .model import DeviceSchema, Field, Frame
+from .model import DeviceSchema, Field, Frame, Model
 
 __all__ = (
     "MAX_BODY_BYTES",
@@ -37,7 +37,7 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_VALUES = 8_000_000  # per batch, timestamps and sequence numbers included
 MAX_FIELDS = 4096  # per device schema
 _MODEL_TO_PB = {"level": pb.LEVEL, "trend": pb.TREND}
-_PB_TO_MODEL = {pb.LEVEL: "level", pb.TREND: "trend"}
+_PB_TO_MODEL: dict[int, Model] = {pb.LEVEL: "level", pb.TREND: "trend"}
 
 
 class BatchError(ValueError):
@@ -170,7 +170,8 @@ def encode(
             block.schema_hash = digest
         else:
             _schema_to_pb(schema, block.schema)
-    return msg.SerializeToString()
+    out: bytes = msg.SerializeToString()
+    return out
 
 
 def decode(

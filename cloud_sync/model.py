@@ -28,13 +28,13 @@ _DEFAULTS: dict[str, tuple[Model, float, float]] = {
     "kvar": ("level", 1.0, 0.0),
     "VA": ("level", 1.0, 0.0),
     "A": ("level", 1.0, 0.0),
-    "V": ("level", 0.5, 0.0),
-    "Hz": ("level", 0.5, 0.0),
-    "C": ("level", 0.75, 0.0),
+    "V": ("level", 0.25, 0.0),
+    "Hz": ("level", 0.25, 0.0),
+    "C": ("level", 0.5, 0.0),
     "W/m2": ("level", 1.0, 0.0),
     "%": ("level", 1.0, 0.0),
-    "Wh": ("trend", 1.0, 0.25),
-    "kWh": ("trend", 1.0, 0.25),
+    "Wh": ("trend", 0.5, 0.125),
+    "kWh": ("trend", 0.5, 0.125),
 }
 
 

@@ -2,6 +2,7 @@
 cimport cython
 
 cdef int _SCALE_BITS
+cdef double _STEP_SCALE
 cdef long long _SCALE
 cdef double _INV_SCALE
 cdef double _D_MAX

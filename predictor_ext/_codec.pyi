@@ -1,6 +1,8 @@
 """Typed API of the predictor codec (the Cython extension and its pure twin alike)."""
 
-from collections.abc import Buffer, Sequence
+from collections.abc import Sequence
+
+from typing_extensions import Buffer
 
 from ._errors import CodecError as CodecError
 
