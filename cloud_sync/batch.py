@@ -117,12 +117,19 @@ def _params(schema: DeviceSchema) -> tuple[list[float], list[int], list[int], li
     )
 
 
-def _column(values: Sequence[float | None]) -> array[float]:
-    try:
-        return array("d", values)  # type: ignore[arg-type]
-    except TypeError:
-        missing = predictor_ext.MISSING
-        return array("d", [missing if v is None else v for v in values])
+def _flat_columns(rows: Sequence[Frame], nf: int) -> array[float]:
+    """The rows' values column-major in one float64 buffer; None becomes MISSING."""
+    out = array("d")
+    missing = predictor_ext.MISSING
+    for col in zip(*(r.values for r in rows), strict=True):
+        start = len(out)
+        try:
+            out.extend(col)
+        except TypeError:  # a None in the column; extend() may have taken a prefix
+            del out[start:]
+            out.extend([missing if v is None else v for v in col])
+    assert len(out) == nf * len(rows)
+    return out
 
 
 def encode(
@@ -157,11 +164,9 @@ def encode(
                 )
         ts = array("q", [r.ts_ms for r in rows])
         seqs = array("q", [r.seq for r in rows])
-        columns = [_column(col) for col in zip(*(r.values for r in rows), strict=True)]
-        if not columns:
-            columns = [array("d") for _ in range(nf)]
+        values = _flat_columns(rows, nf)
         tols, kinds, alphas, betas = _params(schema)
-        data = predictor_ext.encode_block(ts, seqs, columns, tols, kinds, alphas, betas, None)
+        data = predictor_ext.encode_block(ts, seqs, values, tols, kinds, alphas, betas)
         block = msg.devices.add(
             device_id=device_id, frames=len(rows), first_ts_ms=ts[0], first_seq=seqs[0], data=data
         )
@@ -247,7 +252,7 @@ def _decode_block(block: pb.DeviceBlock, schema: DeviceSchema) -> list[Frame]:
         return []
     ts = array("q", bytes(8 * n))
     seqs = array("q", bytes(8 * n))
-    columns = [array("d", bytes(8 * n)) for _ in range(nf)]
+    flat = array("d", bytes(8 * n * nf))
     tols, kinds, alphas, betas = _params(schema)
     try:
         predictor_ext.decode_block(
@@ -261,11 +266,11 @@ def _decode_block(block: pb.DeviceBlock, schema: DeviceSchema) -> list[Frame]:
             betas,
             ts,
             seqs,
-            columns,
+            flat,
         )
     except (predictor_ext.CodecError, ValueError, OverflowError) as exc:
         raise BatchError(f"device {block.device_id!r}: {exc}") from exc
-    values: list[list[float | None]] = [list(col) for col in columns]
+    values: list[list[float | None]] = [list(flat[j * n : (j + 1) * n]) for j in range(nf)]
     for col in values:
         for i, v in enumerate(col):
             if v != v and _is_missing(v):  # noqa: PLR0124 - NaN check

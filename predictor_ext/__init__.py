@@ -25,7 +25,6 @@ __all__ = (
     "RESIDUAL_SPECIAL",
     "TREND",
     "CodecError",
-    "array_d",
     "compiled",
     "decode_block",
     "encode_block",
@@ -64,6 +63,5 @@ TREND = implementation.TREND
 MISSING = implementation.MISSING
 MISSING_BITS = implementation.MISSING_BITS
 RESIDUAL_SPECIAL = implementation.RESIDUAL_SPECIAL
-array_d = implementation.array_d
 encode_block = implementation.encode_block
 decode_block = implementation.decode_block

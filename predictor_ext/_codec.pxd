@@ -16,7 +16,8 @@ cdef unsigned long long _LOW_CARRY
 cdef unsigned int _PROB_INIT
 cdef unsigned int _P_MIN
 cdef unsigned int _P_MAX
-cdef unsigned int _RATE_N
+cdef unsigned int _YOUNG
+cdef unsigned int _RATE_SHIFT
 cdef Py_ssize_t _C_ZERO
 cdef Py_ssize_t _C_SIGN
 cdef Py_ssize_t _C_MAG
@@ -30,6 +31,11 @@ cdef int _SPEC_MISSING
 cdef int _SPEC_POS_INF
 cdef int _SPEC_NEG_INF
 cdef int _SPEC_RAW
+cdef unsigned long long _MISSING_BITS
+cdef unsigned long long _NAN_BITS
+cdef unsigned long long _POS_INF_BITS
+cdef unsigned long long _NEG_INF_BITS
+cdef unsigned long long _EXP_BITS
 
 
 cpdef double reconstruct(long long r, double step) noexcept
@@ -39,7 +45,11 @@ cpdef long long floor_int(double t) noexcept
 
 cpdef long long quantise(double d, long long p) noexcept
 
-cdef long long _clamp(long long v, long long lim) noexcept
+cdef inline long long _clamp(long long v, long long lim) noexcept
+
+cdef int _special_kind(unsigned long long b) noexcept
+
+cdef unsigned long long _special_bits(int kind, unsigned long long raw) noexcept
 
 @cython.locals(k=int)
 cdef int _bit_length(unsigned long long m) noexcept
@@ -54,6 +64,7 @@ cdef class Encoder:
     cdef bytearray data
     cdef unsigned char[:] buf
     cdef Py_ssize_t pos
+    cdef Py_ssize_t cap
     cdef bytearray probs_arr
     cdef unsigned int[:] probs
     cdef int zrun
@@ -69,7 +80,7 @@ cdef class Encoder:
     @cython.locals(carry=cython.uint, temp=cython.uint)
     cdef void _shift_low(self) noexcept
     @cython.locals(s=cython.uint, p=cython.uint, n=cython.uint, bound=cython.uint)
-    cdef void bit(self, Py_ssize_t i, int b) noexcept
+    cdef inline void bit(self, Py_ssize_t i, int b) noexcept
     cdef void bypass(self, unsigned long long v, int nbits) noexcept
     @cython.locals(lk=int, zc=int, neg=int, m="unsigned long long", k=int, base=Py_ssize_t, j=int)
     cdef void put_int(self, long long q) noexcept
@@ -87,6 +98,7 @@ cdef class Decoder:
     cdef Py_ssize_t pos
     cdef Py_ssize_t end
     cdef int overrun
+    cdef unsigned long long raw
     cdef unsigned int rng
     cdef unsigned int code
     cdef bytearray probs_arr
@@ -99,15 +111,15 @@ cdef class Decoder:
     @cython.locals(i=Py_ssize_t)
     cdef void reset_model(self) noexcept
     @cython.locals(b=cython.uint)
-    cdef unsigned int _in(self) noexcept
+    cdef inline unsigned int _in(self) noexcept
     @cython.locals(s=cython.uint, p=cython.uint, n=cython.uint, bound=cython.uint, b=int)
-    cdef int bit(self, Py_ssize_t i) noexcept
+    cdef inline int bit(self, Py_ssize_t i) noexcept
     @cython.locals(v="unsigned long long")
     cdef unsigned long long bypass(self, int nbits) noexcept
     @cython.locals(lk=int, zc=int, neg=int, m="unsigned long long", k=int, base=Py_ssize_t)
     cdef long long get_int(self) noexcept
     @cython.locals(hi="unsigned long long")
-    cdef tuple get_special(self)
+    cdef int get_special(self) noexcept
     @cython.locals(f=int)
     cdef int special_flag(self) noexcept
     @cython.locals(neg=int, k=int, m="unsigned long long")
@@ -117,15 +129,28 @@ cdef class Decoder:
 @cython.locals(i=Py_ssize_t, step=double, trend=int, specials=int, have=int, s="long long",
                t="long long", x=double, d=double, p="long long", q="long long", r="long long",
                y=double, lv="long long", sk=int, raw="unsigned long long")
-cdef void _encode_column(Encoder enc, const double[:] xs, Py_ssize_t n, double tol, int kind,
-                         long long alpha, long long beta, double[:] recon, long long[:] qout,
-                         int want_q) except *
+cdef void _encode_column(Encoder enc, const double[:] xs, const unsigned long long[:] xbits,
+                         Py_ssize_t off, Py_ssize_t n, double tol, int kind, long long alpha,
+                         long long beta, double[:] recon, unsigned long long[:] rbits,
+                         long long[:] qout, int want_q) except *
+
+@cython.locals(j=Py_ssize_t)
+cdef void _encode_columns(Encoder enc, const double[:] xs, const unsigned long long[:] xbits,
+                          Py_ssize_t n, double[:] tols, long long[:] kinds, long long[:] alphas,
+                          long long[:] betas, double[:] recon, unsigned long long[:] rbits,
+                          long long[:] qout, int want_q) except *
 
 @cython.locals(i=Py_ssize_t, step=double, trend=int, specials=int, have=int, s="long long",
                t="long long", p="long long", q="long long", r="long long", lv="long long",
                sk=int)
-cdef void _decode_column(Decoder dec, double[:] out, Py_ssize_t n, double tol, int kind,
-                         long long alpha, long long beta) except *
+cdef void _decode_column(Decoder dec, double[:] out, unsigned long long[:] obits, Py_ssize_t off,
+                         Py_ssize_t n, double tol, int kind, long long alpha,
+                         long long beta) except *
+
+@cython.locals(j=Py_ssize_t)
+cdef void _decode_columns(Decoder dec, double[:] out, unsigned long long[:] obits, Py_ssize_t n,
+                          double[:] tols, long long[:] kinds, long long[:] alphas,
+                          long long[:] betas) except *
 
 @cython.locals(i=Py_ssize_t, prev="long long", pd="long long", v="long long", dl="long long")
 cdef void _encode_ints(Encoder enc, const long long[:] vs, Py_ssize_t n, long long first,

@@ -11,6 +11,7 @@ timestamps (delta of delta), sequence numbers (delta minus one), then each field
 """
 
 import struct
+from array import array
 
 from ._errors import CodecError
 
@@ -39,8 +40,10 @@ _LOW_CARRY = 0xFF000000  # low at or above this may still carry into the cached 
 _PROB_INIT = 1 << 15
 _P_MIN = 31
 _P_MAX = 65536 - 31
-# Adaptation: rate 1/(n+2) for the n-th update (a KT estimator while young), then 1/_RATE_N.
-_RATE_N = 40
+# Adaptation: rate 1/(n+2) for the n-th update of a context (a KT estimator while young),
+# then 1/2**_RATE_SHIFT.
+_YOUNG = 30
+_RATE_SHIFT = 5
 
 # Context layout of one integer model (reset for each column).
 _C_ZERO = 0  # 9: zero run (0, 1, 2+) x last magnitude class
@@ -64,18 +67,13 @@ _SPEC_RAW = 4
 RESIDUAL_SPECIAL = 1 << 40
 
 # A missing value travels through float arrays as a NaN with this payload.
-MISSING_BITS = 0x7FF8_6772_6964_0001
-MISSING = struct.unpack("<d", struct.pack("<Q", MISSING_BITS))[0]
-
-
-def double_bits(x):
-    """The IEEE-754 bit pattern of a double as an unsigned 64-bit int."""
-    return struct.unpack("<Q", struct.pack("<d", x))[0]
-
-
-def bits_double(b):
-    """The double with IEEE-754 bit pattern ``b``."""
-    return struct.unpack("<d", struct.pack("<Q", b))[0]
+_MISSING_BITS = 0x7FF8_6772_6964_0001
+MISSING_BITS = _MISSING_BITS
+MISSING = struct.unpack("<d", struct.pack("<Q", _MISSING_BITS))[0]
+_NAN_BITS = 0x7FF8_0000_0000_0000
+_POS_INF_BITS = 0x7FF0_0000_0000_0000
+_NEG_INF_BITS = 0xFFF0_0000_0000_0000
+_EXP_BITS = 0x7FF0_0000_0000_0000
 
 
 def reconstruct(r, step):
@@ -127,6 +125,7 @@ class Encoder:
         self.cache_size = 1
         self.data = bytearray(max(16, size_hint))
         self.buf = self.data
+        self.cap = len(self.data)
         self.pos = 0
         self.probs_arr = bytearray(4 * _N_CTX)
         self.probs = memoryview(self.probs_arr).cast("I")
@@ -146,11 +145,12 @@ class Encoder:
 
     def reserve(self, k):
         """Make room for k more bytes; coding one value never writes more than 256."""
-        if self.pos + k > len(self.data):
-            grown = bytearray(max(2 * len(self.data), self.pos + k))
+        if self.pos + k > self.cap:
+            grown = bytearray(max(2 * self.cap, self.pos + k))
             grown[: self.pos] = self.data
             self.data = grown
             self.buf = self.data
+            self.cap = len(grown)
 
     def _out(self, b):
         self.buf[self.pos] = b
@@ -179,19 +179,19 @@ class Encoder:
         if b:
             self.low += bound
             self.rng -= bound
-            if n < _RATE_N - 2:
+            if n < _YOUNG:
                 p -= p // (n + 2)
                 n += 1
             else:
-                p -= p // _RATE_N
+                p -= p >> _RATE_SHIFT
             p = max(p, _P_MIN)
         else:
             self.rng = bound
-            if n < _RATE_N - 2:
+            if n < _YOUNG:
                 p += (65536 - p) // (n + 2)
                 n += 1
             else:
-                p += (65536 - p) // _RATE_N
+                p += (65536 - p) >> _RATE_SHIFT
             p = min(p, _P_MAX)
         self.probs[i] = p | (n << 16)
         while self.rng < _TOP:
@@ -286,6 +286,7 @@ class Decoder:
         self.pos = start
         self.end = end
         self.overrun = 0
+        self.raw = 0
         self.rng = _U32
         self.code = 0
         self.probs_arr = bytearray(4 * _N_CTX)
@@ -326,20 +327,20 @@ class Decoder:
             self.code -= bound
             self.rng -= bound
             b = 1
-            if n < _RATE_N - 2:
+            if n < _YOUNG:
                 p -= p // (n + 2)
                 n += 1
             else:
-                p -= p // _RATE_N
+                p -= p >> _RATE_SHIFT
             p = max(p, _P_MIN)
         else:
             self.rng = bound
             b = 0
-            if n < _RATE_N - 2:
+            if n < _YOUNG:
                 p += (65536 - p) // (n + 2)
                 n += 1
             else:
-                p += (65536 - p) // _RATE_N
+                p += (65536 - p) >> _RATE_SHIFT
             p = min(p, _P_MAX)
         self.probs[i] = p | (n << 16)
         while self.rng < _TOP:
@@ -386,13 +387,14 @@ class Decoder:
         return m
 
     def get_special(self):
-        """The kind of a special value and, for _SPEC_RAW, its 64 bits."""
+        """The kind of a special value; for _SPEC_RAW its 64 bits are left in self.raw."""
         if self.bit(_C_KIND) == 0:
-            return self.bit(_C_KIND + 1), 0
+            return self.bit(_C_KIND + 1)
         if self.bit(_C_KIND + 2):
             hi = self.bypass(32)
-            return _SPEC_RAW, (hi << 32) | self.bypass(32)
-        return _SPEC_POS_INF + self.bit(_C_KIND + 3), 0
+            self.raw = (hi << 32) | self.bypass(32)
+            return _SPEC_RAW
+        return _SPEC_POS_INF + self.bit(_C_KIND + 3)
 
     def special_flag(self):
         f = self.bit(_C_SPEC + self.lastspec)
@@ -413,37 +415,41 @@ class Decoder:
         return m
 
 
-def _special_kind(x):
-    if x != x:
-        if double_bits(x) == MISSING_BITS:
-            return _SPEC_MISSING
-        return _SPEC_NAN
-    if x == float("inf"):
+def _special_kind(b):
+    """Which special value the IEEE-754 bits b of a non-normal input stand for."""
+    if b == _MISSING_BITS:
+        return _SPEC_MISSING
+    if b == _POS_INF_BITS:
         return _SPEC_POS_INF
-    if x == float("-inf"):
+    if b == _NEG_INF_BITS:
         return _SPEC_NEG_INF
+    if (b & _EXP_BITS) == _EXP_BITS:
+        return _SPEC_NAN
     return _SPEC_RAW
 
 
-def _special_value(kind, raw):
+def _special_bits(kind, raw):
+    """The IEEE-754 bits a decoded special value is written as (NaN is made canonical)."""
     if kind == _SPEC_NAN:
-        return float("nan")
+        return _NAN_BITS
     if kind == _SPEC_MISSING:
-        return MISSING
+        return _MISSING_BITS
     if kind == _SPEC_POS_INF:
-        return float("inf")
+        return _POS_INF_BITS
     if kind == _SPEC_NEG_INF:
-        return float("-inf")
-    return bits_double(raw)
+        return _NEG_INF_BITS
+    return raw
 
 
-def _encode_column(enc, xs, n, tol, kind, alpha, beta, recon, qout, want_q):
-    """Code n values of one field; recon receives what the decoder will reconstruct and,
-    when want_q, qout the quantised residuals (RESIDUAL_SPECIAL + kind for special values)."""
+def _encode_column(enc, xs, xbits, off, n, tol, kind, alpha, beta, recon, rbits, qout, want_q):
+    """Code the n values of one field at xs[off:off + n]; recon receives at the same places
+    what the decoder will reconstruct and, when want_q, qout the quantised residuals
+    (RESIDUAL_SPECIAL + kind for special values). xbits and rbits are views of xs and recon
+    as 64-bit words, for special values."""
     step = tol * _STEP_SCALE
     trend = 1 if kind == TREND else 0
     specials = 0
-    for i in range(n):
+    for i in range(off, off + n):
         if not (abs(xs[i] / step) < _D_MAX):  # NaN fails every comparison
             specials = 1
             break
@@ -452,17 +458,18 @@ def _encode_column(enc, xs, n, tol, kind, alpha, beta, recon, qout, want_q):
     have = 0
     s = 0  # level (fixed point)
     t = 0  # trend (fixed point), TREND only
-    for i in range(n):
-        enc.reserve(256)
+    for i in range(off, off + n):
+        if enc.pos + 256 > enc.cap:
+            enc.reserve(256)
         x = xs[i]
         d = x / step
         if specials:
             if not (abs(d) < _D_MAX):
                 enc.special_flag(1)
-                sk = _special_kind(x)
-                raw = double_bits(x) if sk == _SPEC_RAW else 0
+                raw = xbits[i]
+                sk = _special_kind(raw)
                 enc.put_special(sk, raw)
-                recon[i] = _special_value(sk, raw)
+                rbits[i] = _special_bits(sk, raw)
                 if want_q:
                     qout[i] = RESIDUAL_SPECIAL + sk
                 continue
@@ -505,7 +512,7 @@ def _encode_column(enc, xs, n, tol, kind, alpha, beta, recon, qout, want_q):
             s = s + (((r - s) * alpha) >> _SCALE_BITS)
 
 
-def _decode_column(dec, out, n, tol, kind, alpha, beta):
+def _decode_column(dec, out, obits, off, n, tol, kind, alpha, beta):
     step = tol * _STEP_SCALE
     trend = 1 if kind == TREND else 0
     dec.reset_model()
@@ -513,10 +520,10 @@ def _decode_column(dec, out, n, tol, kind, alpha, beta):
     have = 0
     s = 0
     t = 0
-    for i in range(n):
+    for i in range(off, off + n):
         if specials and dec.special_flag():
-            sk, raw = dec.get_special()
-            out[i] = _special_value(sk, raw)
+            sk = dec.get_special()
+            obits[i] = _special_bits(sk, dec.raw)
             continue
         if not have:
             q = dec.get_first()
@@ -555,7 +562,8 @@ def _encode_ints(enc, vs, n, first, ddelta):
     prev = first
     pd = 0
     for i in range(1, n):
-        enc.reserve(256)
+        if enc.pos + 256 > enc.cap:
+            enc.reserve(256)
         v = vs[i]
         if not (-_I_MAX < v < _I_MAX):
             raise ValueError("timestamp or sequence number out of range at row %d" % i)
@@ -595,7 +603,10 @@ def _decode_ints(dec, out, n, first, ddelta):
 
 def check_params(tols, kinds, alphas, betas):
     """Validate per-field model parameters; raise ValueError naming the bad one."""
-    for j in range(len(tols)):
+    nf = len(tols)
+    if len(kinds) != nf or len(alphas) != nf or len(betas) != nf:
+        raise ValueError("one tolerance, model kind and smoothing pair per field")
+    for j in range(nf):
         tol = tols[j]
         if not (1e-12 <= tol <= 1e15):
             raise ValueError("field %d: tolerance %r is outside [1e-12, 1e15]" % (j, tol))
@@ -603,20 +614,25 @@ def check_params(tols, kinds, alphas, betas):
             raise ValueError("field %d: unknown model kind %r" % (j, kinds[j]))
         if not (1 <= alphas[j] <= ALPHA_ONE) or not (0 <= betas[j] <= ALPHA_ONE):
             raise ValueError("field %d: smoothing factors out of range" % j)
+    return array("d", tols), array("q", kinds), array("q", alphas), array("q", betas)
 
 
-def encode_block(ts, seqs, columns, tols, kinds, alphas, betas, recons, residuals=None):
-    """Code one device's frames: ts and seqs are int64 arrays of n values, columns float64
-    arrays of n values each. recons, if not None, receives the reconstructed columns, and
-    residuals, if not None, the quantised residuals (int64 arrays; see _encode_column).
+def _check_len(name, buf, n):
+    if len(buf) != n:
+        raise ValueError("%s holds %d values, expected %d" % (name, len(buf), n))
+
+
+def encode_block(ts, seqs, values, tols, kinds, alphas, betas, recon=None, residuals=None):
+    """Code one device's n frames: ts and seqs are int64 buffers of n values, values a float64
+    buffer of nf * n values, column-major (field j at [j * n, (j + 1) * n)), with a tolerance,
+    model kind and smoothing pair per field. recon and residuals, when given, are float64 and
+    int64 buffers of nf * n that receive the reconstructions and the quantised residuals.
     Returns the coded bytes (the first timestamp and sequence number travel outside)."""
     n = len(ts)
-    nf = len(columns)
-    if len(seqs) != n:
-        raise ValueError("timestamps and sequence numbers differ in length")
-    if len(tols) != nf or len(kinds) != nf or len(alphas) != nf or len(betas) != nf:
-        raise ValueError("one tolerance, kind and smoothing pair per column")
-    check_params(tols, kinds, alphas, betas)
+    tol_a, kind_a, alpha_a, beta_a = check_params(tols, kinds, alphas, betas)
+    nf = len(tol_a)
+    _check_len("seqs", seqs, n)
+    _check_len("values", values, nf * n)
     if n and not (-_I_MAX < ts[0] < _I_MAX and -_I_MAX < seqs[0] < _I_MAX):
         raise ValueError("timestamp or sequence number out of range at row 0")
     enc = Encoder(n * nf // 2 + 64)
@@ -624,23 +640,59 @@ def encode_block(ts, seqs, columns, tols, kinds, alphas, betas, recons, residual
         return enc.finish()
     _encode_ints(enc, ts, n, ts[0], 1)
     _encode_ints(enc, seqs, n, seqs[0], 0)
-    scratch = array_d(n)
-    qscratch = memoryview(bytearray(8)).cast("q")
-    for j in range(nf):
-        col = columns[j]
-        if len(col) != n:
-            raise ValueError("column %d holds %d values, expected %d" % (j, len(col), n))
-        out = scratch if recons is None else recons[j]
-        qout = qscratch if residuals is None else residuals[j]
-        want_q = 0 if residuals is None else 1
-        _encode_column(enc, col, n, tols[j], kinds[j], alphas[j], betas[j], out, qout, want_q)
+    if recon is None:
+        recon = array("d", bytes(8 * nf * n))
+    _check_len("recon", recon, nf * n)
+    want_q = 1
+    if residuals is None:
+        residuals = array("q", bytes(8))
+        want_q = 0
+    else:
+        _check_len("residuals", residuals, nf * n)
+    _encode_columns(
+        enc,
+        values,
+        _words(values),
+        n,
+        tol_a,
+        kind_a,
+        alpha_a,
+        beta_a,
+        recon,
+        _words(recon),
+        residuals,
+        want_q,
+    )
     return enc.finish()
 
 
-def decode_block(data, n, first_ts, first_seq, tols, kinds, alphas, betas, ts, seqs, columns):
-    """Decode a block coded by encode_block into the preallocated ts, seqs and columns."""
-    nf = len(tols)
-    check_params(tols, kinds, alphas, betas)
+def _encode_columns(enc, xs, xbits, n, tols, kinds, alphas, betas, recon, rbits, qout, want_q):
+    for j in range(len(tols)):
+        _encode_column(
+            enc,
+            xs,
+            xbits,
+            j * n,
+            n,
+            tols[j],
+            kinds[j],
+            alphas[j],
+            betas[j],
+            recon,
+            rbits,
+            qout,
+            want_q,
+        )
+
+
+def decode_block(data, n, first_ts, first_seq, tols, kinds, alphas, betas, ts, seqs, values):
+    """Decode a block coded by encode_block into preallocated buffers: ts and seqs of n int64
+    values, values of nf * n float64 values (column-major, as encode_block takes them)."""
+    tol_a, kind_a, alpha_a, beta_a = check_params(tols, kinds, alphas, betas)
+    nf = len(tol_a)
+    _check_len("ts", ts, n)
+    _check_len("seqs", seqs, n)
+    _check_len("values", values, nf * n)
     if n == 0:
         return
     if not (-_I_MAX < first_ts < _I_MAX and -_I_MAX < first_seq < _I_MAX):
@@ -648,12 +700,16 @@ def decode_block(data, n, first_ts, first_seq, tols, kinds, alphas, betas, ts, s
     dec = Decoder(data, 0, len(data))
     _decode_ints(dec, ts, n, first_ts, 1)
     _decode_ints(dec, seqs, n, first_seq, 0)
-    for j in range(nf):
-        _decode_column(dec, columns[j], n, tols[j], kinds[j], alphas[j], betas[j])
+    _decode_columns(dec, values, _words(values), n, tol_a, kind_a, alpha_a, beta_a)
     if dec.overrun or dec.pos != dec.end:
         raise CodecError("coded block length does not match its content")
 
 
-def array_d(n):
-    """A zeroed float64 buffer of n values, indexable by both implementations."""
-    return memoryview(bytearray(8 * n)).cast("d")
+def _decode_columns(dec, out, obits, n, tols, kinds, alphas, betas):
+    for j in range(len(tols)):
+        _decode_column(dec, out, obits, j * n, n, tols[j], kinds[j], alphas[j], betas[j])
+
+
+def _words(buf):
+    """The same float64 buffer seen as unsigned 64-bit words."""
+    return memoryview(buf).cast("B").cast("Q")

@@ -22,18 +22,19 @@ and values outside the integer range, sent raw (4)."""
 def encode_block(
     ts: Buffer,
     seqs: Buffer,
-    columns: Sequence[Buffer],
+    values: Buffer,
     tols: Sequence[float],
     kinds: Sequence[int],
     alphas: Sequence[int],
     betas: Sequence[int],
-    recons: Sequence[Buffer] | None,
-    residuals: Sequence[Buffer] | None = None,
+    recon: Buffer | None = None,
+    residuals: Buffer | None = None,
 ) -> bytes:
-    """Code n rows: ``ts`` and ``seqs`` int64 buffers of n values (|v| < 2**59), ``columns``
-    float64 buffers of n values each; per column its tolerance, model kind and smoothing
-    factors. Writes reconstructions into ``recons`` and residuals into ``residuals`` (int64)
-    when given. Raises ValueError for parameters or sizes that do not fit."""
+    """Code n rows of nf fields: ``ts`` and ``seqs`` int64 buffers of n values (|v| < 2**59),
+    ``values`` a float64 buffer of nf * n values, column-major (field j at [j*n, (j+1)*n));
+    per field its tolerance, model kind and smoothing factors. ``recon`` (float64) and
+    ``residuals`` (int64), buffers of nf * n values, receive the reconstructions and the
+    quantised residuals when given. Raises ValueError for parameters or sizes that do not fit."""
 
 def decode_block(
     data: bytes,
@@ -46,13 +47,11 @@ def decode_block(
     betas: Sequence[int],
     ts: Buffer,
     seqs: Buffer,
-    columns: Sequence[Buffer],
+    values: Buffer,
 ) -> None:
-    """Decode n rows coded by encode_block into preallocated writable buffers. Raises
-    CodecError for corrupt or truncated data, ValueError for bad parameters."""
+    """Decode n rows coded by encode_block into preallocated writable buffers (ts, seqs: n
+    int64; values: nf * n float64, column-major). Raises CodecError for corrupt or truncated
+    data, ValueError for bad parameters or buffer sizes."""
 
 def reconstruct(r: int, step: float) -> float:
     """The value a fixed-point predictor state stands for."""
-
-def array_d(n: int) -> memoryview:
-    """A zeroed float64 buffer of n values."""

@@ -38,19 +38,19 @@ class Block:
     def n(self) -> int:
         return len(self.ts)
 
+    def flat(self) -> array[float]:
+        out = array("d")
+        for col in self.columns:
+            out.extend(col)
+        return out
+
     def encode(self, impl: object) -> tuple[bytes, list[array[float]]]:
-        recons = [array("d", bytes(8 * self.n)) for _ in self.columns]
+        n = self.n
+        recon = array("d", bytes(8 * n * len(self.columns)))
         data = impl.encode_block(  # type: ignore[attr-defined]
-            self.ts,
-            self.seqs,
-            self.columns,
-            self.tols,
-            self.kinds,
-            self.alphas,
-            self.betas,
-            recons,
+            self.ts, self.seqs, self.flat(), self.tols, self.kinds, self.alphas, self.betas, recon
         )
-        return data, recons
+        return data, [recon[j * n : (j + 1) * n] for j in range(len(self.columns))]
 
     def decode(
         self, impl: object, data: bytes
@@ -58,14 +58,14 @@ class Block:
         n = self.n
         ts = array("q", bytes(8 * n))
         seqs = array("q", bytes(8 * n))
-        cols = [array("d", bytes(8 * n)) for _ in self.columns]
+        flat = array("d", bytes(8 * n * len(self.columns)))
         first_ts = self.ts[0] if n else 0
         first_seq = self.seqs[0] if n else 0
         impl.decode_block(  # type: ignore[attr-defined]
             data, n, first_ts, first_seq, self.tols, self.kinds, self.alphas, self.betas,
-            ts, seqs, cols,
+            ts, seqs, flat,
         )  # fmt: skip
-        return ts, seqs, cols
+        return ts, seqs, [flat[j * n : (j + 1) * n] for j in range(len(self.columns))]
 
 
 TOLS = st.sampled_from([1e-6, 0.0005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 1000.0])
@@ -205,14 +205,14 @@ def test_deadband_holds_the_previous_value() -> None:
     """alpha = 1 is a plain deadband: values within tol of the last one cost no residual."""
     xs = [100.0, 103.0, 96.0, 100.0, 150.0, 151.0, 149.5]
     n = len(xs)
-    res = [array("q", bytes(8 * n))]
-    recons = [array("d", bytes(8 * n))]
+    res = array("q", bytes(8 * n))
+    recon = array("d", bytes(8 * n))
     IMPL.encode_block(
-        array("q", range(n)), array("q", range(n)), [array("d", xs)], [5.0], [pe.LEVEL],
-        [pe.ALPHA_ONE], [0], recons, res,
+        array("q", range(n)), array("q", range(n)), array("d", xs), [5.0], [pe.LEVEL],
+        [pe.ALPHA_ONE], [0], recon, res,
     )  # fmt: skip
-    assert list(res[0])[1:] == [0, 0, 0, 5, 0, 0]
-    r = list(recons[0])
+    assert list(res)[1:] == [0, 0, 0, 5, 0, 0]
+    r = list(recon)
     assert r[0] == r[1] == r[2] == r[3] and r[4] == r[5] == r[6]
     assert all(abs(y - x) <= 5.0 for x, y in zip(xs, r, strict=True))
 
@@ -224,14 +224,14 @@ def test_trend_model_follows_a_counter_cheaply() -> None:
     xs = array("d", [1000.0 + 0.0123 * i for i in range(n)])
     sizes = {}
     for kind, alpha, beta in ((pe.TREND, 2048, 512), (pe.LEVEL, pe.ALPHA_ONE, 0)):
-        res = [array("q", bytes(8 * n))]
+        res = array("q", bytes(8 * n))
         sizes[kind] = len(
             IMPL.encode_block(
-                array("q", range(n)), array("q", range(n)), [xs], [0.0005], [kind], [alpha],
+                array("q", range(n)), array("q", range(n)), xs, [0.0005], [kind], [alpha],
                 [beta], None, res,
             )
         )  # fmt: skip
-        nonzero = sum(1 for q in res[0][100:] if q)
+        nonzero = sum(1 for q in res[100:] if q)
         if kind == pe.TREND:
             assert nonzero < 0.15 * (n - 100)
         else:
@@ -249,7 +249,7 @@ def test_bad_parameters_are_value_errors(field: str, value: float) -> None:
     params[field] = value
     with pytest.raises(ValueError, match="field 0"):
         IMPL.encode_block(
-            array("q", [1]), array("q", [1]), [array("d", [1.0])], [params["tol"]],
+            array("q", [1]), array("q", [1]), array("d", [1.0]), [params["tol"]],
             [params["kind"]], [params["alpha"]], [params["beta"]], None,
         )  # fmt: skip
 
@@ -257,7 +257,19 @@ def test_bad_parameters_are_value_errors(field: str, value: float) -> None:
 def test_timestamps_out_of_range_are_value_errors() -> None:
     for impl in (IMPL, PURE):
         with pytest.raises(ValueError, match="out of range"):
-            impl.encode_block(array("q", [0, 2**62]), array("q", [0, 1]), [], [], [], [], [], None)
+            impl.encode_block(
+                array("q", [0, 2**62]), array("q", [0, 1]), array("d"), [], [], [], []
+            )
+
+
+def test_buffers_of_the_wrong_size_are_value_errors() -> None:
+    args = (array("q", [1, 2]), array("q", [1, 2]))
+    with pytest.raises(ValueError, match="values holds 3 values, expected 2"):
+        IMPL.encode_block(*args, array("d", [1.0, 2.0, 3.0]), [1.0], [0], [4096], [0])
+    with pytest.raises(ValueError, match="recon holds 1 values"):
+        IMPL.encode_block(*args, array("d", [1.0, 2.0]), [1.0], [0], [4096], [0], array("d", [0.0]))
+    with pytest.raises(ValueError, match="one tolerance"):
+        IMPL.encode_block(*args, array("d", [1.0, 2.0]), [1.0], [0, 0], [4096], [0])
 
 
 def golden_block() -> Block:
@@ -281,7 +293,7 @@ def golden_block() -> Block:
     )
 
 
-GOLDEN = "0602d0db81f43c0c76537b162be44560e97703bb8b8f4ceffe40e8f3dd0e9160"
+GOLDEN = "55d80922742766188fb316ed40e6e851a6aaf1a41bdee1ee86b9a8c3c9c72558"
 
 
 def test_golden_vector() -> None:
