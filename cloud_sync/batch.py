@@ -34,7 +34,7 @@ __all__ = (
 
 WIRE_VERSION = 1
 MAX_BODY_BYTES = 16 * 1024 * 1024
-MAX_VALUES = 8_000_000  # per batch, timestamps and sequence numbers included
+MAX_VALUES = 2_000_000  # per batch, timestamps and sequence numbers included
 MAX_FIELDS = 4096  # per device schema
 _MODEL_TO_PB = {"level": pb.LEVEL, "trend": pb.TREND}
 _PB_TO_MODEL: dict[int, Model] = {pb.LEVEL: "level", pb.TREND: "trend"}

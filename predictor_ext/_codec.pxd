@@ -55,16 +55,11 @@ cdef unsigned long long _special_bits(int kind, unsigned long long raw) noexcept
 cdef int _bit_length(unsigned long long m) noexcept
 
 
-@cython.final
-cdef class Encoder:
-    cdef unsigned long long low
-    cdef unsigned int rng
-    cdef unsigned int cache
-    cdef long long cache_size
-    cdef bytearray data
-    cdef unsigned char[:] buf
-    cdef Py_ssize_t pos
-    cdef Py_ssize_t cap
+@cython.locals(p=cython.uint, n=cython.uint)
+cdef inline unsigned int _adapt(unsigned int s, int b) noexcept
+
+
+cdef class _Model:
     cdef bytearray probs_arr
     cdef unsigned int[:] probs
     cdef int zrun
@@ -73,16 +68,42 @@ cdef class Encoder:
     cdef int lastspec
 
     @cython.locals(i=Py_ssize_t)
+    @cython.final
     cdef void reset_model(self) noexcept
+    @cython.locals(lk=int)
+    @cython.final
+    cdef inline Py_ssize_t zero_ctx(self) noexcept
+    @cython.final
+    cdef inline Py_ssize_t sign_ctx(self) noexcept
+    @cython.locals(lk=int)
+    @cython.final
+    cdef inline Py_ssize_t mag_ctx(self, int j) noexcept
+    @cython.final
+    cdef inline void saw_zero(self) noexcept
+    @cython.final
+    cdef inline void saw_nonzero(self, int k, int neg) noexcept
+
+
+@cython.final
+cdef class Encoder(_Model):
+    cdef unsigned long long low
+    cdef unsigned int rng
+    cdef unsigned int cache
+    cdef long long cache_size
+    cdef bytearray data
+    cdef unsigned char[:] buf
+    cdef Py_ssize_t pos
+    cdef Py_ssize_t cap
+
     @cython.locals(grown=bytearray)
     cdef int reserve(self, Py_ssize_t k) except -1
     cdef void _out(self, unsigned int b) noexcept
     @cython.locals(carry=cython.uint, temp=cython.uint)
     cdef void _shift_low(self) noexcept
-    @cython.locals(s=cython.uint, p=cython.uint, n=cython.uint, bound=cython.uint)
+    @cython.locals(st=cython.uint, bound=cython.uint)
     cdef inline void bit(self, Py_ssize_t i, int b) noexcept
     cdef void bypass(self, unsigned long long v, int nbits) noexcept
-    @cython.locals(lk=int, zc=int, neg=int, m="unsigned long long", k=int, base=Py_ssize_t, j=int)
+    @cython.locals(neg=int, m="unsigned long long", k=int, j=int)
     cdef void put_int(self, long long q) noexcept
     cdef void put_special(self, int kind, unsigned long long raw) noexcept
     cdef void special_flag(self, int f) noexcept
@@ -92,7 +113,7 @@ cdef class Encoder:
 
 
 @cython.final
-cdef class Decoder:
+cdef class Decoder(_Model):
     cdef object data
     cdef const unsigned char[:] buf
     cdef Py_ssize_t pos
@@ -101,22 +122,14 @@ cdef class Decoder:
     cdef unsigned long long raw
     cdef unsigned int rng
     cdef unsigned int code
-    cdef bytearray probs_arr
-    cdef unsigned int[:] probs
-    cdef int zrun
-    cdef int lastk
-    cdef int lastneg
-    cdef int lastspec
 
-    @cython.locals(i=Py_ssize_t)
-    cdef void reset_model(self) noexcept
     @cython.locals(b=cython.uint)
     cdef inline unsigned int _in(self) noexcept
-    @cython.locals(s=cython.uint, p=cython.uint, n=cython.uint, bound=cython.uint, b=int)
+    @cython.locals(st=cython.uint, bound=cython.uint, b=int)
     cdef inline int bit(self, Py_ssize_t i) noexcept
     @cython.locals(v="unsigned long long")
     cdef unsigned long long bypass(self, int nbits) noexcept
-    @cython.locals(lk=int, zc=int, neg=int, m="unsigned long long", k=int, base=Py_ssize_t)
+    @cython.locals(neg=int, m="unsigned long long", k=int)
     cdef long long get_int(self) noexcept
     @cython.locals(hi="unsigned long long")
     cdef int get_special(self) noexcept

@@ -115,18 +115,33 @@ def _bit_length(m):
     return k
 
 
-class Encoder:
-    """Binary range encoder with the integer context model of one column."""
+def _adapt(s, b):
+    """A context's state (16-bit probability of a zero, update count) after coding bit b."""
+    p = s & 0xFFFF
+    n = s >> 16
+    if b:
+        if n < _YOUNG:
+            p -= p // (n + 2)
+            n += 1
+        else:
+            p -= p >> _RATE_SHIFT
+        if p < _P_MIN:
+            p = _P_MIN
+    else:
+        if n < _YOUNG:
+            p += (65536 - p) // (n + 2)
+            n += 1
+        else:
+            p += (65536 - p) >> _RATE_SHIFT
+        if p > _P_MAX:
+            p = _P_MAX
+    return p | (n << 16)
 
-    def __init__(self, size_hint=64):
-        self.low = 0
-        self.rng = _U32
-        self.cache = 0
-        self.cache_size = 1
-        self.data = bytearray(max(16, size_hint))
-        self.buf = self.data
-        self.cap = len(self.data)
-        self.pos = 0
+
+class _Model:
+    """The adaptive context model of one column, the same on both sides of the coder."""
+
+    def __init__(self):
         self.probs_arr = bytearray(4 * _N_CTX)
         self.probs = memoryview(self.probs_arr).cast("I")
         self.zrun = 0
@@ -142,6 +157,43 @@ class Encoder:
         self.lastk = 0
         self.lastneg = 0
         self.lastspec = 0
+
+    def zero_ctx(self):
+        """Context of the zero flag: the zero run so far and the last bit length."""
+        lk = self.lastk
+        return _C_ZERO + self.zrun * 3 + (lk if lk < 3 else 2)
+
+    def sign_ctx(self):
+        return _C_SIGN + self.lastneg * 2 + (1 if self.zrun == 0 else 0)
+
+    def mag_ctx(self, j):
+        """Context of the j-th unary bit of a bit length, by the last bit length."""
+        lk = self.lastk
+        return _C_MAG + (lk if lk < 5 else 5) * 24 + (j - 1 if j < 24 else 23)
+
+    def saw_zero(self):
+        if self.zrun < 2:
+            self.zrun += 1
+
+    def saw_nonzero(self, k, neg):
+        self.zrun = 0
+        self.lastk = k
+        self.lastneg = neg
+
+
+class Encoder(_Model):
+    """Binary range encoder with the integer context model of one column."""
+
+    def __init__(self, size_hint=64):
+        self.low = 0
+        self.rng = _U32
+        self.cache = 0
+        self.cache_size = 1
+        self.data = bytearray(max(16, size_hint))
+        self.buf = self.data
+        self.cap = len(self.data)
+        self.pos = 0
+        _Model.__init__(self)
 
     def reserve(self, k):
         """Make room for k more bytes; coding one value never writes more than 256."""
@@ -172,28 +224,14 @@ class Encoder:
 
     def bit(self, i, b):
         """Code bit b with context i and adapt that context."""
-        s = self.probs[i]
-        p = s & 0xFFFF
-        n = s >> 16
-        bound = (self.rng >> 16) * p
+        st = self.probs[i]
+        bound = (self.rng >> 16) * (st & 0xFFFF)
         if b:
             self.low += bound
             self.rng -= bound
-            if n < _YOUNG:
-                p -= p // (n + 2)
-                n += 1
-            else:
-                p -= p >> _RATE_SHIFT
-            p = max(p, _P_MIN)
         else:
             self.rng = bound
-            if n < _YOUNG:
-                p += (65536 - p) // (n + 2)
-                n += 1
-            else:
-                p += (65536 - p) >> _RATE_SHIFT
-            p = min(p, _P_MAX)
-        self.probs[i] = p | (n << 16)
+        self.probs[i] = _adapt(st, b)
         while self.rng < _TOP:
             self.rng <<= 8
             self._shift_low()
@@ -211,35 +249,29 @@ class Encoder:
 
     def put_int(self, q):
         """Code a signed residual with the adaptive zero / sign / bit-length / mantissa model."""
-        lk = self.lastk
-        zc = self.zrun * 3 + (lk if lk < 3 else 2)
         if q == 0:
-            self.bit(_C_ZERO + zc, 0)
-            if self.zrun < 2:
-                self.zrun += 1
+            self.bit(self.zero_ctx(), 0)
+            self.saw_zero()
             return
-        self.bit(_C_ZERO + zc, 1)
+        self.bit(self.zero_ctx(), 1)
         neg = 0
         m = q
         if q < 0:
             neg = 1
             m = -q
-        self.bit(_C_SIGN + self.lastneg * 2 + (1 if self.zrun == 0 else 0), neg)
+        self.bit(self.sign_ctx(), neg)
         k = _bit_length(m)
-        base = _C_MAG + (lk if lk < 5 else 5) * 24
         j = 1
         while j < k:
-            self.bit(base + (j - 1 if j < 24 else 23), 1)
+            self.bit(self.mag_ctx(j), 1)
             j += 1
         if k < _K_MAX:
-            self.bit(base + (k - 1 if k < 24 else 23), 0)
+            self.bit(self.mag_ctx(k), 0)
         if k > 1:
             self.bit(_C_MANT + k, (m >> (k - 2)) & 1)
             if k > 2:
                 self.bypass(m, k - 2)
-        self.zrun = 0
-        self.lastk = k
-        self.lastneg = neg
+        self.saw_nonzero(k, neg)
 
     def put_special(self, kind, raw):
         self.bit(_C_KIND, 1 if kind >= _SPEC_POS_INF else 0)
@@ -277,7 +309,7 @@ class Encoder:
         return bytes(self.data[: self.pos])
 
 
-class Decoder:
+class Decoder(_Model):
     """The range decoder twin of Encoder; reading past the end is recorded, never a crash."""
 
     def __init__(self, data, start, end):
@@ -289,26 +321,12 @@ class Decoder:
         self.raw = 0
         self.rng = _U32
         self.code = 0
-        self.probs_arr = bytearray(4 * _N_CTX)
-        self.probs = memoryview(self.probs_arr).cast("I")
-        self.zrun = 0
-        self.lastk = 0
-        self.lastneg = 0
-        self.lastspec = 0
-        self.reset_model()
+        _Model.__init__(self)
         if end - start < 5 or self.buf[start] != 0:
             raise CodecError("coded block is too short or does not start a range-coder stream")
         self.pos += 1
         for _ in range(4):
             self.code = (self.code << 8) | self._in()
-
-    def reset_model(self):
-        for i in range(_N_CTX):
-            self.probs[i] = _PROB_INIT
-        self.zrun = 0
-        self.lastk = 0
-        self.lastneg = 0
-        self.lastspec = 0
 
     def _in(self):
         if self.pos < self.end:
@@ -319,30 +337,16 @@ class Decoder:
         return 0
 
     def bit(self, i):
-        s = self.probs[i]
-        p = s & 0xFFFF
-        n = s >> 16
-        bound = (self.rng >> 16) * p
+        st = self.probs[i]
+        bound = (self.rng >> 16) * (st & 0xFFFF)
         if self.code >= bound:
             self.code -= bound
             self.rng -= bound
             b = 1
-            if n < _YOUNG:
-                p -= p // (n + 2)
-                n += 1
-            else:
-                p -= p >> _RATE_SHIFT
-            p = max(p, _P_MIN)
         else:
             self.rng = bound
             b = 0
-            if n < _YOUNG:
-                p += (65536 - p) // (n + 2)
-                n += 1
-            else:
-                p += (65536 - p) >> _RATE_SHIFT
-            p = min(p, _P_MAX)
-        self.probs[i] = p | (n << 16)
+        self.probs[i] = _adapt(st, b)
         while self.rng < _TOP:
             self.rng <<= 8
             self.code = (self.code << 8) | self._in()
@@ -363,25 +367,19 @@ class Decoder:
         return v
 
     def get_int(self):
-        lk = self.lastk
-        zc = self.zrun * 3 + (lk if lk < 3 else 2)
-        if self.bit(_C_ZERO + zc) == 0:
-            if self.zrun < 2:
-                self.zrun += 1
+        if self.bit(self.zero_ctx()) == 0:
+            self.saw_zero()
             return 0
-        neg = self.bit(_C_SIGN + self.lastneg * 2 + (1 if self.zrun == 0 else 0))
-        base = _C_MAG + (lk if lk < 5 else 5) * 24
+        neg = self.bit(self.sign_ctx())
         k = 1
-        while k < _K_MAX and self.bit(base + (k - 1 if k < 24 else 23)):
+        while k < _K_MAX and self.bit(self.mag_ctx(k)):
             k += 1
         m = 1
         if k > 1:
             m = 2 | self.bit(_C_MANT + k)
             if k > 2:
                 m = (m << (k - 2)) | self.bypass(k - 2)
-        self.zrun = 0
-        self.lastk = k
-        self.lastneg = neg
+        self.saw_nonzero(k, neg)
         if neg:
             return -m
         return m
