@@ -14,10 +14,12 @@ BUILD_INPUTS := pyproject.toml setup.py predictor_ext/_codec.py predictor_ext/_c
 
 all: test
 
-# System packages: a C compiler for the Cython extension (python3-dev is already there).
+# System packages: a C compiler for the Cython extension (python3-dev is already there) and
+# the MQTT broker the tests and the demo start.
 sysdeps:
 	@missing=""; \
 	command -v cc >/dev/null 2>&1 || missing="$$missing gcc libc6-dev"; \
+	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

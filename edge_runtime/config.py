@@ -1,0 +1,232 @@
+"""The site configuration: one TOML file decoded into strict msgspec Structs.
+
+Unknown keys are errors; every error names the file, the line where it can be placed and the
+key path (``site.toml:14: devices[1].port: Expected `int`, got `str```). Every key is
+documented in the README's configuration reference (a test checks that).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+__all__ = (
+    "ConfigError",
+    "DeviceConfig",
+    "DsmrDevice",
+    "GoodweDevice",
+    "HostDevice",
+    "HttpConfig",
+    "ModbusDevice",
+    "MqttConfig",
+    "SiteConfig",
+    "SiteSection",
+    "StoreConfig",
+    "load_config",
+    "parse_config",
+)
+
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, not TOML, or does not fit the schema."""
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class SiteSection(_Strict, frozen=True):
+    node_id: DeviceId
+    """This edge installation's id, unique among the sites a hub mirrors."""
+    name: str = ""
+    """A human name for the site, shown on the dashboard."""
+
+
+class StoreConfig(_Strict, frozen=True):
+    path: str = "gridlet.db"
+    """SQLite file; relative paths are relative to the configuration file's folder."""
+    commit_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=60000)] = 1000
+    """At most one commit this often: the loss window on a power cut."""
+    raw_retention_days: Annotated[float, msgspec.Meta(gt=0)] = 7
+    rollup_retention_days: Annotated[float, msgspec.Meta(gt=0)] = 365
+    max_size_mb: Annotated[float, msgspec.Meta(gt=0)] = 1024
+    """Size cap; oldest synced data is evicted first, and every eviction is counted."""
+
+
+class HttpConfig(_Strict, frozen=True):
+    host: str = "0.0.0.0"  # the dashboard is for the LAN
+    port: Port = 8000
+
+
+class MqttConfig(_Strict, frozen=True):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    username: str | None = None
+    password: str | None = None
+    topic_prefix: str = "gridlet"
+    client_id: str = ""
+    """Empty: gridlet-<node_id>."""
+    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
+    tolerances: dict[str, float] = {}
+    """Per field name, the tolerance to keep instead of the default for its unit."""
+
+
+class _Device(_Strict, tag_field="kind", kw_only=True, frozen=True):
+    id: DeviceId
+    enabled: bool = True
+    interval_s: Seconds = 1.0
+    timeout_s: Seconds = 2.0
+
+
+class GoodweDevice(_Device, tag="goodwe", kw_only=True, frozen=True):
+    host: str
+    port: Port = 8899
+    """8899 is the UDP protocol of the LAN/WiFi module; 502 is Modbus TCP."""
+    family: Literal["ET", "DT", "ES"] | None = None
+    """Pin the inverter family; None detects it."""
+    wake_after_failures: Annotated[int, msgspec.Meta(ge=1)] = 3
+    """Send the discovery broadcast that wakes a stuck LAN module after this many failures."""
+
+
+class ModbusDevice(_Device, tag="modbus", kw_only=True, frozen=True):
+    profile: str
+    """A shipped register profile (sdm630, sdm120, generic) or a path to a profile file."""
+    transport: Literal["tcp", "rtu", "rtu-over-tcp"] = "tcp"
+    host: str | None = None
+    port: Port = 502
+    serial_port: str | None = None
+    baudrate: int = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    unit_id: Annotated[int, msgspec.Meta(ge=0, le=247)] = 1
+    request_gap_ms: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 20
+    """Pause between requests on a shared serial line."""
+
+
+class DsmrDevice(_Device, tag="dsmr", kw_only=True, frozen=True):
+    serial_port: str
+    baudrate: int = 115200
+    timeout_s: Seconds = 5.0
+
+
+class HostDevice(_Device, tag="host", kw_only=True, frozen=True):
+    interval_s: Seconds = 10.0
+
+
+DeviceConfig = GoodweDevice | ModbusDevice | DsmrDevice | HostDevice
+
+
+class SiteConfig(_Strict, frozen=True):
+    site: SiteSection
+    store: StoreConfig = StoreConfig()
+    http: HttpConfig = HttpConfig()
+    mqtt: MqttConfig = MqttConfig()
+    devices: list[DeviceConfig] = []
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for i, dev in enumerate(self.devices):
+            if dev.id in seen:
+                raise ValueError(f"device id {dev.id!r} is used twice - at `$.devices[{i}].id`")
+            seen.add(dev.id)
+            if isinstance(dev, ModbusDevice):
+                needs = "serial_port" if dev.transport == "rtu" else "host"
+                if getattr(dev, needs) is None:
+                    raise ValueError(
+                        f"transport {dev.transport!r} needs `{needs}` - at `$.devices[{i}]`"
+                    )
+
+
+def load_config(path: str | Path) -> SiteConfig:
+    """Read and validate a configuration file; raise ConfigError naming file, line and key."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    return parse_config(text, str(p))
+
+
+def parse_config(text: str, filename: str = "<config>") -> SiteConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        where = f"{filename}:{m.group(1)}" if m else filename
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
+    try:
+        return msgspec.convert(raw, SiteConfig, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_locate(str(exc), text, filename)) from exc
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_FIELD = re.compile(r"(?:unknown|required) field `(?P<name>[^`]+)`")
+
+
+def _locate(message: str, text: str, filename: str) -> str:
+    """Turn msgspec's ``... - at `$.devices[0].port``` into ``file:line: devices[0].port: ...``."""
+    m = _AT.match(message)
+    msg = m.group("msg") if m else message
+    parts = _split_path(m.group("path") or "" if m else "")
+    named = _FIELD.search(msg)
+    if named:
+        parts.append(named.group("name"))
+    key = _format_path(parts)
+    line = _line_of(text, parts)
+    where = f"{filename}:{line}" if line else filename
+    return f"{where}: {key}: {msg}" if key else f"{where}: {msg}"
+
+
+def _split_path(path: str) -> list[str | int]:
+    out: list[str | int] = []
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
+        out.append(int(index) if index else name)
+    return out
+
+
+def _format_path(parts: list[str | int]) -> str:
+    s = ""
+    for p in parts:
+        s += f"[{p}]" if isinstance(p, int) else (f".{p}" if s else p)
+    return s
+
+
+_TABLE = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(?:#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
+
+
+def _line_of(text: str, parts: list[str | int]) -> int | None:
+    """The line of the deepest table or key of ``parts`` that the file spells out."""
+    lines: dict[tuple[str | int, ...], int] = {}
+    counts: dict[tuple[str, ...], int] = {}
+    table: tuple[str | int, ...] = ()
+    for no, raw in enumerate(text.splitlines(), start=1):
+        t = _TABLE.match(raw)
+        if t:
+            names = tuple(n.strip().strip('"') for n in t.group(2).split("."))
+            if t.group(1) == "[[":
+                idx = counts.get(names, 0)
+                counts[names] = idx + 1
+                table = (*names, idx)
+            else:
+                table = names
+            lines.setdefault(table, no)
+            continue
+        k = _KEY.match(raw)
+        if k:
+            lines.setdefault((*table, k.group(1)), no)
+    for n in range(len(parts), 0, -1):
+        hit = lines.get(tuple(parts[:n]))
+        if hit is not None:
+            return hit
+    return None

@@ -1,0 +1,1 @@
+"""Device drivers: one module per kind of device, each library behind exactly one module."""
