@@ -2,17 +2,52 @@
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
 import click
 
 import predictor_ext
 
+from .config import ConfigError, SiteConfig, load_config
+
 __all__ = ("main",)
+
+
+def _load(path: str) -> SiteConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _time(value: str | None) -> int | None:
+    """ISO 8601 (UTC unless it says otherwise) or Unix milliseconds."""
+    if value is None:
+        return None
+    if value.lstrip("-").isdigit():
+        return int(value)
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is neither ISO 8601 nor Unix ms") from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gridlet")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
     """gridlet: edge runtime for energy sites (inverters, meters, ESP32 nodes)."""
+    level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @main.command("codec-info")
@@ -20,3 +55,74 @@ def codec_info() -> None:
     """Say which predictor codec implementation is loaded (compiled or pure)."""
     impl = "compiled (Cython extension)" if predictor_ext.compiled else "pure Python twin"
     click.echo(f"predictor_ext: {impl}")
+
+
+@main.command("check-config")
+@click.argument("config", type=click.Path(dir_okay=False))
+def check_config(config: str) -> None:
+    """Validate a site configuration without starting anything."""
+    cfg = _load(config)
+    kinds = ", ".join(f"{d.id} ({d.kind})" for d in cfg.devices) or "none"
+    click.echo(f"{config}: ok: site {cfg.site.node_id}; devices: {kinds}")
+
+
+@main.command("run")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--commit-log",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Append a JSON line per store commit (what crash tests check).",
+)
+def run(config: str, commit_log: str | None) -> None:
+    """Run the edge runtime until Ctrl-C."""
+    from .app import run_site
+
+    cfg = _load(config)
+    base = Path(config).resolve().parent
+    if commit_log:
+        with open(commit_log, "a", encoding="utf-8") as out:
+            asyncio.run(run_site(cfg, base, commit_log=out))
+    else:
+        asyncio.run(run_site(cfg, base))
+
+
+@main.command("export")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--device", required=True, help="Device id.")
+@click.option("--from", "start", help="Start time: ISO 8601 (UTC by default) or Unix ms.")
+@click.option("--to", "end", help="End time (exclusive).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv")
+def export(config: str, device: str, start: str | None, end: str | None, fmt: str) -> None:
+    """Write a device's stored frames to stdout."""
+    from .app import store_path
+    from .store import Reader
+
+    cfg = _load(config)
+    reader = Reader(store_path(cfg, Path(config).resolve().parent))
+    try:
+        known = {dev for dev, _ in reader.schemas().values()}
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if device not in known:
+        raise click.ClickException(
+            f"no frames for device {device!r}; stored devices: {', '.join(sorted(known)) or 'none'}"
+        )
+    out = sys.stdout
+    writer = csv.writer(out) if fmt == "csv" else None
+    header: tuple[str, ...] | None = None
+    for frame, schema in reader.frames(device, _time(start), _time(end)):
+        names = tuple(f.name for f in schema.fields)
+        if writer is not None:
+            if names != header:
+                writer.writerow(("ts_ms", "seq", *names))
+                header = names
+            writer.writerow(
+                (frame.ts_ms, frame.seq, *("" if v is None else v for v in frame.values))
+            )
+        else:
+            record = {
+                "ts_ms": frame.ts_ms,
+                "seq": frame.seq,
+                **dict(zip(names, frame.values, strict=True)),
+            }
+            out.write(json.dumps(record, allow_nan=True) + "\n")

@@ -26,6 +26,7 @@ __all__ = (
     "SiteConfig",
     "SiteSection",
     "StoreConfig",
+    "SyntheticDevice",
     "load_config",
     "parse_config",
 )
@@ -86,6 +87,11 @@ class _Device(_Strict, tag_field="kind", kw_only=True, frozen=True):
     interval_s: Seconds = 1.0
     timeout_s: Seconds = 2.0
 
+    @property
+    def kind(self) -> str:
+        """The ``kind`` key that selected this device type."""
+        return str(self.__struct_config__.tag)
+
 
 class GoodweDevice(_Device, tag="goodwe", kw_only=True, frozen=True):
     host: str
@@ -122,7 +128,13 @@ class HostDevice(_Device, tag="host", kw_only=True, frozen=True):
     interval_s: Seconds = 10.0
 
 
-DeviceConfig = GoodweDevice | ModbusDevice | DsmrDevice | HostDevice
+class SyntheticDevice(_Device, tag="synthetic", kw_only=True, frozen=True):
+    """Generated waveforms, for benchmarks and soak tests; no hardware."""
+
+    fields: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+
+
+DeviceConfig = GoodweDevice | ModbusDevice | DsmrDevice | HostDevice | SyntheticDevice
 
 
 class SiteConfig(_Strict, frozen=True):
