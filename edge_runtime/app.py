@@ -60,8 +60,8 @@ def build_drivers(cfg: SiteConfig, base_dir: Path) -> tuple[list[Polled], list[P
     if modbus:
         from .devices.modbus import make_drivers
 
-        for drv, dev in zip(make_drivers(modbus), modbus, strict=True):
-            add(drv, dev)
+        for mdrv, mdev in zip(make_drivers(modbus), modbus, strict=True):
+            add(mdrv, mdev)
     for dev in devices:
         if isinstance(dev, GoodweDevice):
             from .devices.goodwe import GoodweDriver

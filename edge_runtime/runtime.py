@@ -73,12 +73,14 @@ class Runtime:
         push: Sequence[PushDriver] = (),
         *,
         bus: Bus | None = None,
+        min_backoff_s: float = 0.5,
         max_backoff_s: float = 60.0,
     ) -> None:
         self.store = store
         self.bus = bus or Bus()
         self.polled = list(polled)
         self.push = list(push)
+        self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
         self.statuses: dict[str, DeviceStatus] = {}
         self._seq: dict[str, int] = {}
@@ -120,7 +122,7 @@ class Runtime:
     async def _poll(self, p: Polled) -> None:
         drv = p.driver
         st = self.status(drv.device_id, drv.kind)
-        backoff = Backoff(max(p.interval_s, 0.5), self.max_backoff_s)
+        backoff = Backoff(max(p.interval_s, self.min_backoff_s), self.max_backoff_s)
         failures = 0
         schema: DeviceSchema | None = None
         loop = asyncio.get_running_loop()
@@ -191,7 +193,7 @@ class Runtime:
 
     async def _push(self, drv: PushDriver) -> None:
         st = self.status(drv.device_id, drv.kind)
-        backoff = Backoff(1.0, self.max_backoff_s)
+        backoff = Backoff(self.min_backoff_s, self.max_backoff_s)
         failures = 0
         while True:
             started = time.monotonic()
