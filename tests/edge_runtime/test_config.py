@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import cast
 
 import msgspec
 import pytest
@@ -116,7 +117,7 @@ def test_check_config_command(tmp_path: Path) -> None:
 def documented_keys() -> list[str]:
     """Every key a site.toml may hold, spelled as the README's reference names it."""
     keys: list[str] = []
-    sections = {
+    sections: dict[str, type[msgspec.Struct]] = {
         "site": c.SiteSection,
         "store": c.StoreConfig,
         "http": c.HttpConfig,
@@ -124,7 +125,8 @@ def documented_keys() -> list[str]:
     }
     for name, struct in sections.items():
         keys += [f"{name}.{f.name}" for f in msgspec.structs.fields(struct)]
-    common = {f.name: f.default for f in msgspec.structs.fields(c._Device)}
+    base = cast("type[msgspec.Struct]", c._Device)
+    common = {f.name: f.default for f in msgspec.structs.fields(base)}
     keys += ["devices.kind", *(f"devices.{k}" for k in sorted(common))]
     kinds: tuple[type[msgspec.Struct], ...] = (
         c.GoodweDevice,
