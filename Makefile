@@ -10,7 +10,7 @@ BUILD_REQS := "setuptools>=69" wheel "Cython>=3.3,<3.4" "grpcio-tools>=1.85,<1.8
 # Sources whose change needs a rebuild of the extension or of the generated protobuf code.
 BUILD_INPUTS := pyproject.toml setup.py predictor_ext/_codec.py predictor_ext/_codec.pxd $(wildcard proto/*.proto)
 
-.PHONY: all setup sysdeps test lint typecheck pytest bench bench-codec demo clean
+.PHONY: all setup sysdeps test lint typecheck pytest bench bench-codec bench-edge demo clean
 
 all: test
 
@@ -47,7 +47,10 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
-bench: bench-codec
+bench: bench-codec bench-edge
+
+bench-edge: $(STAMP)
+	$(BIN)/python -m bench.edge
 
 bench-codec: $(STAMP)
 	$(BIN)/python -m bench.codec --csv ../shared/data/uci_household_power_1min.csv --time-column Date,Time \

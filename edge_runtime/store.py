@@ -351,7 +351,6 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?)",
                 dead,
             )
-            await _bump(db, "committed_frames", len(rows))
             await _bump(db, "dead_letters", len(dead))
         self._last_commit = time.monotonic()
         self.stats.committed_frames += len(rows)
