@@ -121,7 +121,8 @@ class ModbusDevice(_Device, tag="modbus", kw_only=True, frozen=True):
 class DsmrDevice(_Device, tag="dsmr", kw_only=True, frozen=True):
     serial_port: str
     baudrate: int = 115200
-    timeout_s: Seconds = 5.0
+    timeout_s: Seconds = 12.0
+    """DSMR 5 meters send every second, DSMR 4 every 10 s: offline after this long."""
 
 
 class HostDevice(_Device, tag="host", kw_only=True, frozen=True):
