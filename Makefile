@@ -68,7 +68,7 @@ bench-codec: $(STAMP)
 	  --window 60 --window 600
 
 demo: $(STAMP)
-	$(BIN)/gridlet --help
+	$(BIN)/gridlet demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info predictor_ext/*.so predictor_ext/*.c proto/*_pb2.py proto/*_pb2.pyi

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+import msgspec
+
 from .config import (
     DsmrDevice,
     GoodweDevice,
@@ -56,7 +58,7 @@ def build_drivers(cfg: SiteConfig, base_dir: Path) -> tuple[list[Polled], list[P
         wake = dev.wake_after_failures if isinstance(dev, GoodweDevice) else 3
         polled.append(Polled(drv, dev.interval_s, dev.timeout_s, wake))
 
-    modbus = [d for d in devices if isinstance(d, ModbusDevice)]
+    modbus = [_resolve_profile(d, base_dir) for d in devices if isinstance(d, ModbusDevice)]
     if modbus:
         from .devices.modbus import make_drivers
 
@@ -86,6 +88,13 @@ def build_drivers(cfg: SiteConfig, base_dir: Path) -> tuple[list[Polled], list[P
     return polled, push
 
 
+def _resolve_profile(dev: ModbusDevice, base_dir: Path) -> ModbusDevice:
+    """A profile given as a path is relative to the configuration file's folder."""
+    if dev.profile.endswith(".toml") and not Path(dev.profile).is_absolute():
+        return msgspec.structs.replace(dev, profile=str(base_dir / dev.profile))
+    return dev
+
+
 async def run_site(
     cfg: SiteConfig,
     base_dir: Path,
@@ -98,6 +107,9 @@ async def run_site(
     try:
         polled, push = build_drivers(cfg, base_dir)
         runtime = Runtime(store, [*polled, *extra_polled], push)
+        # pymodbus logs every failed connect as a warning; the scheduler already reports
+        # the first failure of a streak, so keep its chatter for debugging.
+        logging.getLogger("pymodbus").setLevel(max(logging.ERROR, log.getEffectiveLevel()))
         if commit_log is not None:
             store.on_commit.append(lambda r: _log_commit(commit_log, r))
         task = asyncio.current_task()

@@ -86,6 +86,22 @@ def run(config: str, commit_log: str | None) -> None:
         asyncio.run(run_site(cfg, base))
 
 
+@main.command("demo")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default="demo-data",
+    show_default=True,
+    help="Where the generated site.toml and the history go.",
+)
+@click.option("--duration", type=float, help="Stop after this many seconds (default: Ctrl-C).")
+def demo(data_dir: str, duration: float | None) -> None:
+    """Run the whole edge on simulated devices that speak the real protocols."""
+    from .demo import run_demo
+
+    asyncio.run(run_demo(Path(data_dir).resolve(), duration_s=duration))
+
+
 @main.command("export")
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
 @click.option("--device", required=True, help="Device id.")

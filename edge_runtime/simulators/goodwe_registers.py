@@ -125,7 +125,8 @@ class Capture:
 
 
 def default_captures_dir() -> Path:
-    """``$GRIDLET_GOODWE_CAPTURES``, else ``shared/data/goodwe_captures/et`` beside the repo."""
+    """``$GRIDLET_GOODWE_CAPTURES``, else ``shared/data/goodwe_captures/et`` beside the repo
+    (every recorded model), else the GW10K-ET captures shipped inside the package."""
     env = os.environ.get(CAPTURES_ENV)
     if env:
         return Path(env)
@@ -134,7 +135,7 @@ def default_captures_dir() -> Path:
         d = root / "data" / "goodwe_captures" / "et"
         if d.is_dir():
             return d
-    return repo.parent / "shared" / "data" / "goodwe_captures" / "et"
+    return Path(__file__).resolve().parent / "captures" / "et"
 
 
 def _split_name(stem: str) -> tuple[str, str, str] | None:
