@@ -28,6 +28,7 @@ from typing import Literal
 
 from cloud_sync import DeviceSchema, Field
 
+from ..crc import crc16_arc
 from .base import DeviceStatus, ProtocolError, Sink, field_from_name, now_ms, unit_of
 
 __all__ = (
@@ -99,25 +100,9 @@ def meter_schema(model: str) -> DeviceSchema:
 # -- CRC ------------------------------------------------------------------------------------
 
 
-def _crc_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC_TABLE = _crc_table()
-
-
 def crc16(data: bytes | bytearray) -> int:
     """CRC-16/ARC (polynomial 0x8005 reflected as 0xA001, init 0), as DSMR 4+ sends it."""
-    crc = 0
-    for byte in data:
-        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ byte) & 0xFF]
-    return crc
+    return crc16_arc(data)
 
 
 # -- framing --------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..crc import crc16_modbus
+
 __all__ = (
     "BLOCK_STARTS",
     "CAPTURES_ENV",
@@ -68,26 +70,9 @@ _AA55_REQUEST_HEAD = b"\xaa\x55\xc0\x7f"
 _AA55_DEVICE_INFO = b"\x01\x02\x00"
 
 
-def _crc_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC_TABLE = _crc_table()
-
-
 def crc16(data: bytes | bytearray | memoryview) -> int:
     """Modbus CRC-16 (polynomial 0xA001, initial 0xFFFF); sent low byte first."""
-    crc = 0xFFFF
-    table = _CRC_TABLE
-    for b in data:
-        crc = (crc >> 8) ^ table[(crc ^ b) & 0xFF]
-    return crc
+    return crc16_modbus(data)
 
 
 def parse_rtu_reply(raw: bytes) -> tuple[int, bytes]:
