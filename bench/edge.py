@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -110,39 +112,141 @@ async def wear_at_1hz(nf: int = 100, commits: int = 600) -> dict[str, float]:
     }
 
 
-def rss_of_runtime(devices: int = 20, seconds: float = 15.0) -> dict[str, float]:
-    """Resident memory of `gridlet run` with ``devices`` devices read once a second."""
-    lines = ['[site]\nnode_id = "bench"\n[store]\npath = "bench.db"\n']
-    for i in range(devices):
-        lines.append(
-            f'[[devices]]\nid = "dev{i}"\nkind = "synthetic"\nfields = 50\ninterval_s = 1.0\n'
+def _start(
+    cmd: list[str], ready: str, timeout_s: float = 30.0
+) -> tuple[subprocess.Popen[str], str]:
+    """Start a simulator and return it with the first stdout line containing ``ready``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if ready in line:
+            return proc, line.strip()
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"{cmd[2]} did not start")
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def site_on_simulators(
+    seconds: float = 30.0, inverters: int = 10, meters: int = 10
+) -> dict[str, float]:
+    """`gridlet run` reading 20 simulated devices at 1 Hz over their real protocols (GoodWe
+    UDP inverters and SDM630 units behind one Modbus TCP gateway): its resident memory, and
+    how steadily each inverter was read once a second."""
+    py = sys.executable
+    procs: list[subprocess.Popen[str]] = []
+    base = 60 + os.getpid() % 100  # a loopback /24 of our own, so runs do not collide
+    try:
+        hosts = []
+        for i in range(inverters):
+            host = f"127.{base}.{i // 250}.{i % 250 + 2}"
+            cmd = [
+                py,
+                "-m",
+                "edge_runtime.simulators.goodwe",
+                "--host",
+                host,
+                "--day-seconds",
+                "600",
+            ]
+            procs.append(_start(cmd, "ready")[0])
+            hosts.append(host)
+        units = [f"--unit={u}" for u in range(1, meters + 1)]
+        sdm, line = _start(
+            [py, "-m", "edge_runtime.simulators.sdm", "--tcp-port", "0", *units], "tcp:"
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "site.toml"
-        cfg.write_text("\n".join(lines))
-        exe = Path(sys.executable).with_name("gridlet")
-        proc = subprocess.Popen(
-            [str(exe), "run", "--config", str(cfg)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        samples: list[int] = []
-        try:
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
-                time.sleep(0.5)
-                with open(f"/proc/{proc.pid}/status", encoding="ascii") as f:
-                    for line in f:
-                        if line.startswith("VmRSS:"):
-                            samples.append(int(line.split()[1]) * 1024)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        procs.append(sdm)
+        port = int(line.rsplit(":", 1)[1])
+        lines = ['[site]\nnode_id = "bench"\n[store]\npath = "bench.db"\n']
+        for i, host in enumerate(hosts):
+            lines.append(f'[[devices]]\nid = "inverter{i}"\nkind = "goodwe"\nhost = "{host}"\n')
+        for u in range(1, meters + 1):
+            lines.append(
+                f'[[devices]]\nid = "meter{u}"\nkind = "modbus"\nprofile = "sdm630"\n'
+                f'host = "127.0.0.1"\nport = {port}\nunit_id = {u}\n'
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = Path(tmp) / "site.toml"
+            cfg.write_text("\n".join(lines))
+            exe = Path(sys.executable).with_name("gridlet")
+            run = subprocess.Popen(
+                [str(exe), "run", "--config", str(cfg)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            samples: list[int] = []
+            cpu0 = _cpu_seconds(run.pid)
+            try:
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    samples.append(_rss(run.pid))
+                cpu = _cpu_seconds(run.pid) - cpu0
+            finally:
+                run.terminate()
+                run.wait(timeout=30)
+            intervals = _intervals(
+                Path(tmp) / "bench.db", [f"inverter{i}" for i in range(inverters)]
+            )
+            per_device = _frames(Path(tmp) / "bench.db")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    steady = intervals[len(intervals) // 10 :] if intervals else [0.0]
     return {
-        "devices": devices,
+        "devices": inverters + meters,
+        "seconds": seconds,
         "rss_bytes_max": max(samples),
         "rss_bytes_median": statistics.median(samples),
+        "cpu_share": cpu / seconds,
+        "frames_min_per_device": min(per_device.values()) if per_device else 0,
+        "goodwe_interval_mean_s": statistics.fmean(steady),
+        "goodwe_interval_p99_s": sorted(steady)[int(0.99 * (len(steady) - 1))],
+        "goodwe_interval_max_s": max(steady),
+        "goodwe_reads": len(intervals) + inverters,
     }
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _intervals(db: Path, devices: list[str]) -> list[float]:
+    out: list[float] = []
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        for dev in devices:
+            ts = [
+                t
+                for (t,) in conn.execute(
+                    "SELECT f.ts_ms FROM frames f JOIN devices d ON d.dev = f.dev"
+                    " WHERE d.device_id = ? ORDER BY f.ts_ms",
+                    (dev,),
+                )
+            ]
+            out += [(b - a) / 1000 for a, b in itertools.pairwise(ts)]
+    return out
+
+
+def _frames(db: Path) -> dict[str, int]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute(
+            "SELECT d.device_id, count(*) FROM frames f JOIN devices d ON d.dev = f.dev GROUP BY 1"
+        ).fetchall()
+    return {d: int(n) for d, n in rows}
 
 
 def _mb(x: float) -> str:
@@ -152,17 +256,18 @@ def _mb(x: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.edge", description=__doc__.split("\n")[0])
     p.add_argument("--frames", type=int, default=100_000, help="frames for the throughput run")
+    p.add_argument("--seconds", type=float, default=30.0, help="length of the simulator run")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     results = {
         "store": asyncio.run(store_throughput(args.frames)),
         "wear_1hz_100_fields": asyncio.run(wear_at_1hz()),
-        "memory": rss_of_runtime(),
+        "site": site_on_simulators(args.seconds),
     }
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    s, w, m = results["store"], results["wear_1hz_100_fields"], results["memory"]
+    s, w, m = results["store"], results["wear_1hz_100_fields"], results["site"]
     print(f"bus + store, {s['fields']:.0f} fields per frame, {s['frames']:.0f} frames:")
     print(
         f"  {s['frames_per_s']:,.0f} frames/s wall, {s['frames_per_cpu_s']:,.0f} frames per CPU-s"
@@ -179,10 +284,21 @@ def main(argv: list[str] | None = None) -> int:
         f"  {w['written_bytes_per_frame']:.0f} B written per frame ="
         f" {w['written_over_packed']:.2f}x the packed values; {_mb(w['bytes_per_day'])} per day"
     )
-    print(f"memory of `gridlet run` with {m['devices']:.0f} devices at 1 Hz:")
+    print(
+        f"`gridlet run` on {m['devices']:.0f} simulated devices at 1 Hz (10 GoodWe over UDP,"
+        f" 10 SDM630 over Modbus TCP), {m['seconds']:.0f} s:"
+    )
     print(
         f"  RSS max {_mb(m['rss_bytes_max'])}, median {_mb(m['rss_bytes_median'])}"
-        f"  (target <= 60 MB: {'PASS' if m['rss_bytes_max'] <= 60e6 else 'FAIL'})"
+        f"  (target <= 60 MB: {'PASS' if m['rss_bytes_max'] <= 60e6 else 'FAIL'});"
+        f" CPU {100 * m['cpu_share']:.1f}% of one core"
+    )
+    steady = abs(m["goodwe_interval_mean_s"] - 1.0) < 0.02 and m["goodwe_interval_p99_s"] < 1.1
+    print(
+        f"  GoodWe cadence over {m['goodwe_reads']:.0f} reads:"
+        f" mean {m['goodwe_interval_mean_s']:.3f} s,"
+        f" p99 {m['goodwe_interval_p99_s']:.3f} s, max {m['goodwe_interval_max_s']:.3f} s"
+        f"  (target one read per second, steady: {'PASS' if steady else 'FAIL'})"
     )
     return 0
 
