@@ -86,18 +86,22 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 
 def pack_values(values: Sequence[float | None]) -> bytes:
-    """A frame's values as little-endian float64s; None becomes the MISSING NaN."""
+    """A frame's values, packed losslessly (small decimals, float32 or float64)."""
     try:
-        return array("d", cast("Sequence[float]", values)).tobytes()
+        raw = array("d", cast("Sequence[float]", values))
     except TypeError:
-        return array("d", [_MISSING if v is None else v for v in values]).tobytes()
+        raw = array("d", [_MISSING if v is None else v for v in values])
+    return predictor_ext.pack_values(raw)
 
 
 def unpack_values(blob: bytes) -> tuple[float | None, ...]:
-    vals = array("d", blob)
+    return _with_none(predictor_ext.unpack_values(blob))
+
+
+def _with_none(vals: array[float]) -> tuple[float | None, ...]:
     if not any(v != v for v in vals):  # noqa: PLR0124 - NaN test, the fast common case
         return tuple(vals)
-    words = array("Q", blob)
+    words = array("Q", vals.tobytes())
     return tuple(None if w == _MISSING_BITS else v for v, w in zip(vals, words, strict=True))
 
 
@@ -175,7 +179,7 @@ def _merge_blobs(blobs: Sequence[bytes], nf: int) -> bytes:
 
 def _rollup_from_blob(bucket_ms: int, blob: bytes) -> Rollup:
     a = array("d", blob)
-    vals = unpack_values(blob)
+    vals = _with_none(a)
     nf = len(a) // 4
     return Rollup(
         bucket_ms,

@@ -29,7 +29,9 @@ __all__ = (
     "decode_block",
     "encode_block",
     "implementation",
+    "pack_values",
     "pure",
+    "unpack_values",
 )
 
 
@@ -65,3 +67,5 @@ MISSING_BITS = implementation.MISSING_BITS
 RESIDUAL_SPECIAL = implementation.RESIDUAL_SPECIAL
 encode_block = implementation.encode_block
 decode_block = implementation.decode_block
+pack_values = implementation.pack_values
+unpack_values = implementation.unpack_values

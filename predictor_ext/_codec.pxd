@@ -173,3 +173,25 @@ cdef void _encode_ints(Encoder enc, const long long[:] vs, Py_ssize_t n, long lo
                q="long long")
 cdef void _decode_ints(Decoder dec, long long[:] out, Py_ssize_t n, long long first,
                        int ddelta) except *
+
+
+cdef int _PACK_HEADER
+cdef int _MAX_SCALE
+cdef long long _I16_MISSING
+cdef long long _I32_MISSING
+cdef unsigned int _F32_MISSING_BITS
+
+@cython.locals(k=int, p10=double, ok=int, i=Py_ssize_t, x=double, r="long long")
+cdef int _decimal_scale(const double[:] xs, const unsigned long long[:] bits, Py_ssize_t n) except? -2
+
+@cython.locals(i=Py_ssize_t, x=double)
+cdef int _fits_f32(const double[:] xs, const unsigned long long[:] bits, Py_ssize_t n,
+                   float[:] f32) except? -2
+
+@cython.locals(i=Py_ssize_t)
+cdef void _put_ints(const double[:] xs, const unsigned long long[:] bits, Py_ssize_t n,
+                    double p10, long long[:] body, long long missing) except *
+
+@cython.locals(i=Py_ssize_t, r="long long")
+cdef void _get_ints(const long long[:] ints, Py_ssize_t n, double p10, long long missing,
+                    double[:] out) except *

@@ -711,3 +711,132 @@ def _decode_columns(dec, out, obits, n, tols, kinds, alphas, betas):
 def _words(buf):
     """The same float64 buffer seen as unsigned 64-bit words."""
     return memoryview(buf).cast("B").cast("Q")
+
+
+# ---------------------------------------------------------------------------------------------
+# Lossless packing of one frame's values, for the edge's history. Most device values are
+# decimals with a few digits (scaled registers, JSON) or float32 registers, so a frame is
+# stored as small integers with a common decimal scale, or as float32, whenever that gives
+# back every value bit for bit (-0.0 aside); float64 otherwise. Header: kind, scale, 2 spare.
+
+PACK_F64 = 0
+PACK_F32 = 1
+PACK_I16 = 2
+PACK_I32 = 3
+_PACK_HEADER = 4
+_MAX_SCALE = 4
+_I16_MISSING = -32768
+_I32_MISSING = -2147483648
+_F32_MISSING_BITS = 0x7FC0_6772  # a float32 NaN of our own for missing values
+
+
+def _decimal_scale(xs, bits, n):
+    """The smallest k <= _MAX_SCALE such that every finite value is r / 10**k for an integer
+    |r| < 2**31 (missing values allowed, NaN and inf not); -1 if there is none."""
+    k = 0
+    p10 = 1.0
+    while k <= _MAX_SCALE:
+        ok = 1
+        for i in range(n):
+            if bits[i] == _MISSING_BITS:
+                continue
+            x = xs[i]
+            if not (abs(x) * p10 < 2147483647.0):  # NaN and inf fail here too
+                return -1
+            r = floor_int(x * p10 + 0.5)
+            if r / p10 != x:
+                ok = 0
+                break
+        if ok:
+            return k
+        k += 1
+        p10 *= 10.0
+    return -1
+
+
+def _fits_f32(xs, bits, n, f32):
+    """Write xs as float32 into f32 and say whether every value survives the round trip."""
+    for i in range(n):
+        if bits[i] == _MISSING_BITS:
+            continue
+        x = xs[i]
+        f32[i] = x
+        if f32[i] != x and x == x:
+            return 0
+    return 1
+
+
+def pack_values(xs):
+    """Pack a float64 buffer (MISSING for missing values) losslessly into bytes."""
+    n = len(xs)
+    bits = _words(xs)
+    k = _decimal_scale(xs, bits, n)
+    if k >= 0:
+        p10 = 10.0**k
+        wide = 0
+        for i in range(n):
+            if bits[i] != _MISSING_BITS and abs(xs[i]) * p10 >= 32767.0:
+                wide = 1
+                break
+        ints = array("q", bytes(8 * n))
+        _put_ints(xs, bits, n, p10, ints, _I32_MISSING if wide else _I16_MISSING)
+        head = bytes([PACK_I32 if wide else PACK_I16, k, 0, 0])
+        return head + array("i" if wide else "h", ints).tobytes()
+    out = bytearray(_PACK_HEADER + 4 * n)
+    out[0] = PACK_F32
+    f32 = memoryview(out)[_PACK_HEADER:].cast("f")
+    if _fits_f32(xs, bits, n, f32):
+        words = memoryview(out)[_PACK_HEADER:].cast("I")
+        for i in range(n):
+            if bits[i] == _MISSING_BITS:
+                words[i] = _F32_MISSING_BITS
+        return bytes(out)
+    return bytes([PACK_F64, 0, 0, 0]) + memoryview(xs).cast("B").tobytes()
+
+
+def _put_ints(xs, bits, n, p10, body, missing):
+    for i in range(n):
+        if bits[i] == _MISSING_BITS:
+            body[i] = missing
+        else:
+            body[i] = floor_int(xs[i] * p10 + 0.5)
+
+
+def unpack_values(blob):
+    """The float64 values (MISSING for missing) that pack_values packed into blob."""
+    if len(blob) < _PACK_HEADER:
+        raise CodecError("packed values are too short")
+    kind = blob[0]
+    body = memoryview(blob)[_PACK_HEADER:]
+    if kind == PACK_F64:
+        if len(body) % 8:
+            raise CodecError("packed float64 values have a ragged length")
+        return array("d", body.tobytes())
+    if kind == PACK_F32:
+        if len(body) % 4:
+            raise CodecError("packed float32 values have a ragged length")
+        out = array("d", body.cast("f"))
+        words = body.cast("I")
+        for i in range(len(words)):
+            if words[i] == _F32_MISSING_BITS:
+                out[i] = MISSING
+        return out
+    if kind in (PACK_I16, PACK_I32):
+        width = 2 if kind == PACK_I16 else 4
+        if len(body) % width or blob[1] > _MAX_SCALE:
+            raise CodecError("packed decimal values are malformed")
+        ints = array("q", body.cast("h" if kind == PACK_I16 else "i"))
+        missing = _I16_MISSING if kind == PACK_I16 else _I32_MISSING
+        out = array("d", bytes(8 * len(ints)))
+        _get_ints(ints, len(ints), 10.0 ** blob[1], missing, out)
+        return out
+    raise CodecError("unknown packing %d" % kind)
+
+
+def _get_ints(ints, n, p10, missing, out):
+    for i in range(n):
+        r = ints[i]
+        if r == missing:
+            out[i] = MISSING
+        else:
+            out[i] = r / p10

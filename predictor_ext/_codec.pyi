@@ -1,5 +1,6 @@
 """Typed API of the predictor codec (the Cython extension and its pure twin alike)."""
 
+from array import array
 from collections.abc import Sequence
 
 from typing_extensions import Buffer
@@ -55,3 +56,11 @@ def decode_block(
 
 def reconstruct(r: int, step: float) -> float:
     """The value a fixed-point predictor state stands for."""
+
+def pack_values(xs: Buffer) -> bytes:
+    """Pack one frame's float64 values (MISSING for missing) losslessly: as small integers
+    with a common decimal scale, or as float32, whenever that gives back every value bit for
+    bit (-0.0 becomes 0.0, NaN payloads are not kept); float64 otherwise."""
+
+def unpack_values(blob: bytes) -> array[float]:
+    """The values pack_values packed; CodecError for a malformed blob."""

@@ -33,7 +33,16 @@ def test_pack_round_trip_keeps_none_and_nan() -> None:
     vals = (1.5, None, math.nan, -0.0, 1e300)
     out = unpack_values(pack_values(vals))
     assert out[0] == 1.5 and out[1] is None and math.isnan(out[2] or 0.0) and out[4] == 1e300
-    assert len(pack_values(vals)) == 8 * len(vals)
+    assert len(pack_values(vals)) == 4 + 8 * len(vals)  # 1e300 needs float64
+
+
+def test_pack_keeps_decimals_and_float32_registers_small() -> None:
+    decimals = (236.9, 1.2, None, -108.0, 49.99)  # scaled registers, JSON numbers
+    assert len(pack_values(decimals)) == 4 + 2 * 5
+    assert unpack_values(pack_values(decimals)) == decimals
+    float32 = (229.87370300292969, 0.9876543283462524, None)  # SDM630 float32 registers
+    assert len(pack_values(float32)) == 4 + 4 * 3
+    assert unpack_values(pack_values(float32)) == float32
 
 
 async def test_frames_and_rollups(tmp_path: Path) -> None:

@@ -272,6 +272,52 @@ def test_buffers_of_the_wrong_size_are_value_errors() -> None:
         IMPL.encode_block(*args, array("d", [1.0, 2.0]), [1.0], [0, 0], [4096], [0])
 
 
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.integers(-(10**9), 10**9).map(lambda i: i / 100),
+            st.floats(width=32),
+            st.integers(-(2**15), 2**15),
+            st.just(pe.MISSING),
+        ),
+        max_size=60,
+    )
+)
+def test_pack_values_is_lossless_and_the_twins_agree(values: list[float]) -> None:
+    xs = array("d", values)
+    packed = IMPL.pack_values(xs)
+    assert packed == PURE.pack_values(xs)
+    assert len(packed) <= 4 + 8 * len(xs)
+    for impl in (IMPL, PURE):
+        out = impl.unpack_values(packed)
+        assert len(out) == len(xs)
+        for x, y in zip(xs, out, strict=True):
+            if math.isnan(x):  # NaN stays NaN, missing stays missing
+                assert math.isnan(y) and (bits(x) == pe.MISSING_BITS) == (
+                    bits(y) == pe.MISSING_BITS
+                )
+            else:
+                assert x == y  # -0.0 may come back as 0.0
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"",
+        b"\x00\x00",
+        b"\x00\x00\x00\x00\x01",
+        b"\x09\x00\x00\x00",
+        b"\x02\x09\x00\x00\x01\x00",
+        b"\x03\x00\x00\x00\x01",
+    ],
+)
+def test_unpack_rejects_malformed_blobs(blob: bytes) -> None:
+    for impl in (IMPL, PURE):
+        with pytest.raises(pe.CodecError):
+            impl.unpack_values(blob)
+
+
 def golden_block() -> Block:
     """Fixed inputs whose coded bytes must never change: across versions, compilers and CPUs
     (run on the Pi's aarch64 as on x86-64), a change here means hubs decode history wrongly."""
