@@ -63,8 +63,13 @@ class StoreConfig(_Strict, frozen=True):
 
 
 class HttpConfig(_Strict, frozen=True):
+    enabled: bool = True
     host: str = "0.0.0.0"  # the dashboard is for the LAN
     port: Port = 8000
+    live_rate: Annotated[int, msgspec.Meta(ge=1, le=50)] = 10
+    """At most this many live updates a second to each browser."""
+    password_hash: str | None = None
+    """Made by `gridlet hash-password`; None leaves the dashboard open on the LAN."""
 
 
 class MqttConfig(_Strict, frozen=True):

@@ -12,8 +12,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cloud_sync import DeviceSchema, Frame
 
@@ -73,6 +74,7 @@ class Runtime:
         push: Sequence[PushDriver] = (),
         *,
         bus: Bus | None = None,
+        services: Sequence[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = (),
         min_backoff_s: float = 0.5,
         max_backoff_s: float = 60.0,
     ) -> None:
@@ -80,6 +82,9 @@ class Runtime:
         self.bus = bus or Bus()
         self.polled = list(polled)
         self.push = list(push)
+        self.services = list(services)
+        """Long-lived helpers run beside the drivers (the dashboard's web server, the live
+        fan-out, the uploader): (task name, coroutine function)."""
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
         self.statuses: dict[str, DeviceStatus] = {}
@@ -118,6 +123,8 @@ class Runtime:
                 tg.create_task(self._poll(p), name=f"poll:{p.driver.device_id}")
             for d in self.push:
                 tg.create_task(self._push(d), name=f"push:{d.device_id}")
+            for name, service in self.services:
+                tg.create_task(service(), name=name)
 
     async def _poll(self, p: Polled) -> None:
         drv = p.driver
