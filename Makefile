@@ -8,27 +8,42 @@ STAMP := $(VENV)/.gridlet-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BUILD_REQS := "setuptools>=69" wheel "Cython>=3.3,<3.4" "grpcio-tools>=1.85,<1.86"
 # Sources whose change needs a rebuild of the extension or of the generated protobuf code.
+WEBUI_VENDOR := webui/static/vendor/uPlot.iife.min.js
 BUILD_INPUTS := pyproject.toml setup.py predictor_ext/_codec.py predictor_ext/_codec.pxd $(wildcard proto/*.proto)
 
-.PHONY: all setup sysdeps test lint typecheck pytest bench bench-codec bench-edge demo clean
+.PHONY: all setup sysdeps testdeps test lint typecheck pytest bench bench-codec bench-edge demo clean
 
 all: test
 
-# System packages: a C compiler for the Cython extension (python3-dev is already there) and
-# the MQTT broker the tests and the demo start.
+# System packages: a C compiler for the Cython extension (python3-dev is already there), the
+# MQTT broker the tests and the demo start, and npm for the dashboard's chart library.
 sysdeps:
 	@missing=""; \
 	command -v cc >/dev/null 2>&1 || missing="$$missing gcc libc6-dev"; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
+# The browser the dashboard tests drive (Debian's, never a downloaded one).
+testdeps: sysdeps
+	@if [ ! -x /usr/lib/chromium/chromium ]; then \
+	  echo "installing system packages: chromium"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
+
+# uPlot from npm, copied into the package's static files (a LAN with no internet has no CDN).
+$(WEBUI_VENDOR): webui/package.json webui/package-lock.json | sysdeps
+	cd webui && npm ci --no-audit --no-fund --loglevel=error
+	mkdir -p webui/static/vendor
+	cp webui/node_modules/uplot/dist/uPlot.iife.min.js webui/node_modules/uplot/dist/uPlot.min.css webui/static/vendor/
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python $(BUILD_INPUTS) | sysdeps
+$(STAMP): $(BIN)/python $(BUILD_INPUTS) $(WEBUI_VENDOR) | sysdeps
 	$(BIN)/python -m pip install -q --upgrade pip $(BUILD_REQS)
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
 	@touch $@
@@ -42,7 +57,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) testdeps
 	$(BIN)/pytest
 
 test: lint typecheck pytest
@@ -71,4 +86,5 @@ demo: $(STAMP)
 	$(BIN)/gridlet demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info predictor_ext/*.so predictor_ext/*.c proto/*_pb2.py proto/*_pb2.pyi
+	rm -rf $(VENV) build *.egg-info predictor_ext/*.so predictor_ext/*.c proto/*_pb2.py proto/*_pb2.pyi \
+	  webui/node_modules webui/static/vendor
