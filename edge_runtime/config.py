@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from .tomlerrors import format_path, line_of, split_error
+
 __all__ = (
     "ConfigError",
     "DeviceConfig",
@@ -187,64 +189,10 @@ def parse_config(text: str, filename: str = "<config>") -> SiteConfig:
         raise ConfigError(_locate(str(exc), text, filename)) from exc
 
 
-_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
-_FIELD = re.compile(r"(?:unknown|required) field `(?P<name>[^`]+)`")
-
-
 def _locate(message: str, text: str, filename: str) -> str:
     """Turn msgspec's ``... - at `$.devices[0].port``` into ``file:line: devices[0].port: ...``."""
-    m = _AT.match(message)
-    msg = m.group("msg") if m else message
-    parts = _split_path(m.group("path") or "" if m else "")
-    named = _FIELD.search(msg)
-    if named:
-        parts.append(named.group("name"))
-    key = _format_path(parts)
-    line = _line_of(text, parts)
+    msg, parts = split_error(message)
+    key = format_path(parts)
+    line = line_of(text, parts)
     where = f"{filename}:{line}" if line else filename
     return f"{where}: {key}: {msg}" if key else f"{where}: {msg}"
-
-
-def _split_path(path: str) -> list[str | int]:
-    out: list[str | int] = []
-    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
-        out.append(int(index) if index else name)
-    return out
-
-
-def _format_path(parts: list[str | int]) -> str:
-    s = ""
-    for p in parts:
-        s += f"[{p}]" if isinstance(p, int) else (f".{p}" if s else p)
-    return s
-
-
-_TABLE = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(?:#.*)?$")
-_KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
-
-
-def _line_of(text: str, parts: list[str | int]) -> int | None:
-    """The line of the deepest table or key of ``parts`` that the file spells out."""
-    lines: dict[tuple[str | int, ...], int] = {}
-    counts: dict[tuple[str, ...], int] = {}
-    table: tuple[str | int, ...] = ()
-    for no, raw in enumerate(text.splitlines(), start=1):
-        t = _TABLE.match(raw)
-        if t:
-            names = tuple(n.strip().strip('"') for n in t.group(2).split("."))
-            if t.group(1) == "[[":
-                idx = counts.get(names, 0)
-                counts[names] = idx + 1
-                table = (*names, idx)
-            else:
-                table = names
-            lines.setdefault(table, no)
-            continue
-        k = _KEY.match(raw)
-        if k:
-            lines.setdefault((*table, k.group(1)), no)
-    for n in range(len(parts), 0, -1):
-        hit = lines.get(tuple(parts[:n]))
-        if hit is not None:
-            return hit
-    return None

@@ -45,6 +45,7 @@ import msgspec
 
 from cloud_sync import DeviceSchema
 
+from ..tomlerrors import format_path, line_of, split_error
 from .base import field_from_name, unit_of
 
 __all__ = (
@@ -381,30 +382,21 @@ def parse_profile(text: str, source: str = "<profile>") -> Profile:
         raise ProfileError(_with_line(str(exc), text, name)) from None
 
 
-_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
-_INDEX = re.compile(r"^\.fields\[(\d+)\](?:\.(\w+))?")
-_UNKNOWN = re.compile(r"(?:unknown|required) field `(?P<key>[^`]+)`")
-
-
 def _explain(message: str, raw: object, text: str, name: str) -> str:
     """msgspec's ``Expected `int` - at `$.fields[2].address``` becomes
     ``x.toml:9: fields[2] (voltage_v): address: Expected `int```."""
-    m = _AT.match(message)
-    msg, path = (m.group("msg"), m.group("path") or "") if m else (message, "")
-    key_m = _UNKNOWN.search(msg)
-    idx_m = _INDEX.match(path)
-    if not idx_m:
-        key = path.lstrip(".") or (key_m.group("key") if key_m else "")
-        line = _line_of_key(text, None, key) if key else None
+    msg, parts = split_error(message)
+    line = line_of(text, parts)
+    if len(parts) < 2 or parts[0] != "fields" or not isinstance(parts[1], int):
+        key = format_path(parts)
         return f"{name}{_colon(line)}: {key + ': ' if key else ''}{msg}"
-    index = int(idx_m.group(1))
-    key = idx_m.group(2) or (key_m.group("key") if key_m else None)
+    index = parts[1]
+    key = format_path(parts[2:])
     field_name = "?"
     if isinstance(raw, dict):
         items = raw.get("fields")
         if isinstance(items, list) and index < len(items) and isinstance(items[index], dict):
             field_name = str(items[index].get("name", "?"))
-    line = _line_of_key(text, index, key)
     return f"{name}{_colon(line)}: fields[{index}] ({field_name}): {key + ': ' if key else ''}{msg}"
 
 
@@ -413,30 +405,9 @@ def _with_line(message: str, text: str, name: str) -> str:
     m = re.match(rf"^{re.escape(name)}: fields\[(\d+)\]", message)
     if not m:
         return message
-    line = _line_of_key(text, int(m.group(1)), None)
+    line = line_of(text, ["fields", int(m.group(1))])
     return f"{name}{_colon(line)}{message[len(name) :]}"
 
 
 def _colon(line: int | None) -> str:
     return f":{line}" if line else ""
-
-
-def _line_of_key(text: str, index: int | None, key: str | None) -> int | None:
-    """Line of ``key`` in the ``index``-th ``[[fields]]`` table (or at top level for None)."""
-    seen = -1
-    start: int | None = None if index is not None else 0
-    for no, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if stripped.startswith("["):
-            if start is not None and (index is None or seen == index):
-                break
-            if stripped.replace(" ", "") == "[[fields]]":
-                seen += 1
-                if seen == index:
-                    start = no
-                    if not key:
-                        return no
-            continue
-        if start is not None and key and re.match(rf"^\s*{re.escape(key)}\s*=", line):
-            return no
-    return start if index is not None else None

@@ -1,0 +1,67 @@
+"""Where in a TOML file a msgspec validation error points: line and key path.
+
+msgspec says ``Expected `int`, got `str` - at `$.devices[1].port```; users want
+``site.toml:14: devices[1].port: ...``. Shared by the site configuration and the Modbus
+register profiles.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ("format_path", "line_of", "split_error")
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_FIELD = re.compile(r"(?:unknown|required) field `(?P<name>[^`]+)`")
+
+
+def split_error(message: str) -> tuple[str, list[str | int]]:
+    """The message without its ``- at `$...``` suffix, and the key path it names; a missing
+    or unknown field's own name ends the path."""
+    m = _AT.match(message)
+    msg = m.group("msg") if m else message
+    parts: list[str | int] = []
+    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", (m.group("path") or "") if m else ""):
+        parts.append(int(index) if index else name)
+    named = _FIELD.search(msg)
+    if named:
+        parts.append(named.group("name"))
+    return msg, parts
+
+
+def format_path(parts: list[str | int]) -> str:
+    s = ""
+    for p in parts:
+        s += f"[{p}]" if isinstance(p, int) else (f".{p}" if s else p)
+    return s
+
+
+_TABLE = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(?:#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*=")
+
+
+def line_of(text: str, parts: list[str | int]) -> int | None:
+    """The line of the deepest table or key of ``parts`` that the file spells out."""
+    lines: dict[tuple[str | int, ...], int] = {}
+    counts: dict[tuple[str, ...], int] = {}
+    table: tuple[str | int, ...] = ()
+    for no, raw in enumerate(text.splitlines(), start=1):
+        t = _TABLE.match(raw)
+        if t:
+            names = tuple(n.strip().strip('"') for n in t.group(2).split("."))
+            if t.group(1) == "[[":
+                idx = counts.get(names, 0)
+                counts[names] = idx + 1
+                table = (*names, idx)
+            else:
+                table = names
+            lines.setdefault(table, no)
+            continue
+        k = _KEY.match(raw)
+        if k:
+            lines.setdefault((*table, k.group(1)), no)
+    for n in range(len(parts), 0, -1):
+        hit = lines.get(tuple(parts[:n]))
+        if hit is not None:
+            return hit
+    return None
