@@ -107,6 +107,12 @@ async def run_site(
     try:
         polled, push = build_drivers(cfg, base_dir)
         runtime = Runtime(store, [*polled, *extra_polled], push)
+        if cfg.http.enabled:
+            # Imported only when used: a headless site never loads the web stack.
+            from .web import Dashboard
+
+            dashboard = Dashboard(runtime, cfg)
+            runtime.services.extend(dashboard.services())
         # pymodbus logs every failed connect as a warning; the scheduler already reports
         # the first failure of a streak, so keep its chatter for debugging.
         logging.getLogger("pymodbus").setLevel(max(logging.ERROR, log.getEffectiveLevel()))

@@ -95,11 +95,27 @@ def run(config: str, commit_log: str | None) -> None:
     help="Where the generated site.toml and the history go.",
 )
 @click.option("--duration", type=float, help="Stop after this many seconds (default: Ctrl-C).")
-def demo(data_dir: str, duration: float | None) -> None:
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    help="Dashboard port (default: 8000 when free, else a free one).",
+)
+def demo(data_dir: str, duration: float | None, port: int | None) -> None:
     """Run the whole edge on simulated devices that speak the real protocols."""
     from .demo import run_demo
 
-    asyncio.run(run_demo(Path(data_dir).resolve(), duration_s=duration))
+    asyncio.run(run_demo(Path(data_dir).resolve(), duration_s=duration, http_port=port))
+
+
+@main.command("hash-password")
+def hash_password_cmd() -> None:
+    """Ask for a dashboard password (twice) and print the hash for `http.password_hash`."""
+    from .web.auth import hash_password
+
+    password = click.prompt(
+        "Dashboard password", hide_input=True, confirmation_prompt=True, err=True
+    )
+    click.echo(hash_password(password))
 
 
 @main.command("export")
