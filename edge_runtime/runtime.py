@@ -36,6 +36,14 @@ __all__ = ("Backoff", "Polled", "Runtime")
 log = logging.getLogger(__name__)
 
 
+def _raise_if_cancelling() -> None:
+    """Python 3.11's wait_for (used inside pymodbus and goodwe) can swallow a cancellation
+    that lands just as a reply arrives; a task asked to stop must stop all the same."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Backoff:
     """Jittered exponential delays: ``initial * 2**n`` capped at ``maximum``, each drawn
     uniformly from its upper half so that many devices failing together spread out."""
@@ -139,11 +147,13 @@ class Runtime:
                     if schema is None:
                         async with asyncio.timeout(p.timeout_s * 3):
                             schema = await drv.connect()
+                        _raise_if_cancelling()
                         st.info.update(getattr(drv, "info", {}))
                         log.info("%s: connected (%d fields)", drv.device_id, len(schema.fields))
                     due = loop.time()
                     while True:
                         values = await self._read(drv, p.timeout_s)
+                        _raise_if_cancelling()
                         self.frame(drv.device_id, schema, values)
                         st.seen()
                         st.last_error = None

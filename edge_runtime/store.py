@@ -357,6 +357,7 @@ class Store:
             )
             await _bump(db, "dead_letters", len(dead))
         self._last_commit = time.monotonic()
+        self.stats.size_bytes = await self._size()
         self.stats.committed_frames += len(rows)
         self.stats.dead_letters += len(dead)
         self.stats.commits += 1
