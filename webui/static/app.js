@@ -116,6 +116,24 @@ function banner(text) {
 
 /** Device id -> card state; cards are built once per schema and then updated in place. */
 const cards = new Map();
+
+/** Which device cards are on screen: only those get their values written into the DOM. */
+const visibility = new IntersectionObserver((entries) => {
+  for (const entry of entries) {
+    const card = cards.get(entry.target.dataset.device);
+    if (!card || card.el !== entry.target) continue;
+    card.visible = entry.isIntersecting;
+    if (card.visible) {
+      const now = serverNow();
+      for (const row of card.rows) {
+        if (row.dirty) {
+          row.dirty = false;
+          setValue(row, row.val, row.ts);
+        } else setAge(row, now);
+      }
+    }
+  }
+});
 /** Device id -> {kind, model, fields: Map(name -> {unit, tol})} from /api/devices. */
 const meta = new Map();
 let metaPending = null;
@@ -200,6 +218,7 @@ function buildCard(id, names) {
     index: new Map(names.map((n, i) => [n, i])),
     ts: null,
     online: null,
+    visible: true, // until the observer says otherwise
   };
   applyMeta(id, card);
   return card;
@@ -252,8 +271,11 @@ function ensureCard(id, names) {
   }
   const fresh = buildCard(id, names);
   const container = document.getElementById("devices");
-  if (card) container.replaceChild(fresh.el, card.el);
-  else insertSorted(container, id, fresh.el);
+  if (card) {
+    container.replaceChild(fresh.el, card.el);
+    visibility.unobserve(card.el);
+  } else insertSorted(container, id, fresh.el);
+  visibility.observe(fresh.el);
   if (card) setOnline(fresh, card.online);
   cards.set(id, fresh);
   if (!meta.has(id) || names.some((n) => !meta.get(id).fields.has(n))) {
@@ -279,6 +301,7 @@ function applySnapshot(msg) {
   }
   for (const [id, card] of cards) {
     if (!seen.has(id)) {
+      visibility.unobserve(card.el);
       card.el.remove();
       cards.delete(id);
     }
@@ -298,7 +321,14 @@ function applyDelta(msg) {
     card.ts = d.ts;
     for (const [i, v] of Object.entries(d.v || {})) {
       const row = card.rows[+i];
-      if (row) setValue(row, v, d.ts);
+      if (!row) continue;
+      if (card.visible) setValue(row, v, d.ts);
+      else {
+        // Off screen: keep the value, touch the DOM when the card scrolls into view.
+        row.val = v;
+        row.ts = d.ts;
+        row.dirty = true;
+      }
     }
   }
 }
@@ -382,7 +412,7 @@ function tickAges() {
   const now = serverNow();
   for (const card of cards.values()) {
     setText(card.read, card.ts == null ? "no reading yet" : `read ${fmtAge(now - card.ts)} ago`);
-    for (const r of card.rows) setAge(r, now);
+    if (card.visible) for (const r of card.rows) setAge(r, now);
   }
 }
 
