@@ -100,11 +100,19 @@ def run(config: str, commit_log: str | None) -> None:
     type=click.IntRange(1, 65535),
     help="Dashboard port (default: 8000 when free, else a free one).",
 )
-def demo(data_dir: str, duration: float | None, port: int | None) -> None:
+@click.option(
+    "--host",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address the dashboard listens on (127.0.0.1 keeps it to this machine).",
+)
+def demo(data_dir: str, duration: float | None, port: int | None, host: str) -> None:
     """Run the whole edge on simulated devices that speak the real protocols."""
     from .demo import run_demo
 
-    asyncio.run(run_demo(Path(data_dir).resolve(), duration_s=duration, http_port=port))
+    asyncio.run(
+        run_demo(Path(data_dir).resolve(), duration_s=duration, http_host=host, http_port=port)
+    )
 
 
 @main.command("hash-password")

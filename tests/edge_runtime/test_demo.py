@@ -35,7 +35,7 @@ def test_demo_runs_every_device_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> N
     packaged = Path(sims.__file__).parent / "captures" / "et"
     env = {**os.environ, "GRIDLET_GOODWE_CAPTURES": str(packaged)}
     proc = subprocess.Popen(
-        [str(exe), "demo", "--data-dir", str(tmp_path)],
+        [str(exe), "demo", "--data-dir", str(tmp_path), "--host", "127.0.0.1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
