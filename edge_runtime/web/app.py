@@ -10,7 +10,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from litestar import Litestar, Response, get
+from litestar import Litestar, Response, get, head
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.handlers import HTTPRouteHandler
@@ -49,8 +49,7 @@ def _version() -> str:
 def _page_routes(static_dir: Path) -> list[HTTPRouteHandler]:
     index = static_dir / "index.html"
 
-    @get(list(_PAGES), include_in_schema=False, sync_to_thread=False)
-    def page() -> File:
+    def index_file() -> File:
         # One index.html switches view by path; no-cache so an upgrade shows at once.
         if not index.is_file():
             raise NotFoundException(f"the dashboard page is missing: {index}")
@@ -61,7 +60,9 @@ def _page_routes(static_dir: Path) -> list[HTTPRouteHandler]:
             headers={"Cache-Control": "no-cache"},
         )
 
-    return [page]
+    page = get(list(_PAGES), include_in_schema=False, sync_to_thread=False)(index_file)
+    page_head = head(list(_PAGES), include_in_schema=False, sync_to_thread=False)(index_file)
+    return [page, page_head]
 
 
 def _metrics_route(runtime: Runtime, hub: LiveHub) -> HTTPRouteHandler:

@@ -88,6 +88,9 @@ async def test_site_pages_and_static_files(site: WebSite) -> None:
             assert r.status_code == 200 and r.text == INDEX_HTML
             assert r.headers["content-type"].startswith("text/html")
             assert "attachment" not in r.headers.get("content-disposition", "")
+            r = await c.head(page)
+            assert r.status_code == 200 and r.content == b""
+            assert r.headers["content-type"].startswith("text/html")
         r = await c.get("/static/app.js")
         assert r.status_code == 200 and "gridlet" in r.text
         assert (await c.get("/static/missing.js")).status_code == 404
