@@ -37,7 +37,7 @@ CHROMIUM_ARGS = [
 ]
 
 # Wraps WebSocket before the page's scripts run: each live message's arrival is recorded as
-# (now - frame ts) for every device the message carries, just before the page handles it.
+# [now, now - frame ts] for every device the message carries, just before the page handles it.
 _PROBE = """
 (() => {
   window.__lat = [];
@@ -51,7 +51,7 @@ _PROBE = """
       if (msg.type !== "delta" || !msg.d) return;
       for (const id in msg.d) {
         const ts = msg.d[id].ts;
-        if (typeof ts === "number") window.__lat.push(now - ts);
+        if (typeof ts === "number") window.__lat.push([now, now - ts]);
       }
     });
     return ws;
@@ -60,6 +60,10 @@ _PROBE = """
   Object.assign(window.WebSocket, Native);
 })();
 """
+
+
+WARMUP_S = 3.0
+"""Seconds after the last tab loaded before measuring starts."""
 
 
 def _free_port() -> int:
@@ -134,16 +138,21 @@ def run_once(
                             )
                         )
                         pages.append(page)
-                    for page in pages:  # warm-up: discard what came before the window
-                        page.evaluate("() => { window.__lat = []; }")
+                    time.sleep(WARMUP_S)  # the last tab settles (first layouts, JIT)
+                    # The window is cut by wall clock (the pages' Date.now() is the same
+                    # clock): collecting from one tab after another must not count the load
+                    # that collecting itself puts on the tabs still running.
                     cpu0 = _cpu_seconds(run.pid)
                     t0 = time.monotonic()
+                    start_ms = time.time() * 1000
                     time.sleep(seconds)
+                    end_ms = time.time() * 1000
                     cpu = _cpu_seconds(run.pid) - cpu0
                     elapsed = time.monotonic() - t0
                     lat: list[float] = []
                     for page in pages:
-                        lat += page.evaluate("() => window.__lat")
+                        samples = page.evaluate("() => window.__lat")
+                        lat += [d for at, d in samples if start_ms <= at < end_ms]
                 finally:
                     browser.close()
         finally:

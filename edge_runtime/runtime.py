@@ -1,15 +1,17 @@
 """The scheduler: polls every device at its interval, runs push sources, feeds the bus.
 
-Every device has one named task in one TaskGroup. A read has a timeout; failures mark the
-device offline and back off with jittered exponential delays; after several in a row the
-driver's ``recover()`` gets a chance (the GoodWe wake broadcast). A driver bug is logged and
-backed off like a device failure, so one bad device never stops the others.
+Every device has one named task in one TaskGroup. Reads fall on slots of the wall clock
+(``Cadence``), so devices with the same interval are read together. A read has a timeout;
+failures mark the device offline and back off with jittered exponential delays; after several
+in a row the driver's ``recover()`` gets a chance (the GoodWe wake broadcast). A driver bug is
+logged and backed off like a device failure, so one bad device never stops the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -31,7 +33,7 @@ from .devices.base import (
 )
 from .store import Store
 
-__all__ = ("Backoff", "Polled", "Runtime")
+__all__ = ("Backoff", "Cadence", "Polled", "Runtime")
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,36 @@ class Backoff:
 
     def reset(self) -> None:
         self._n = 0
+
+
+class Cadence:
+    """Read slots on the wall clock: slot ``k`` starts at ``k * interval`` seconds of Unix time.
+
+    Every device with the same interval is read at the same instants (on the whole second at
+    1 s), so values from an inverter and a meter describe the same moment and the live view
+    sends them in one message. A read that overruns skips the slots it missed; a clock that
+    steps (NTP at boot on a Pi without RTC) re-anchors at the next slot, never sleeps long.
+    """
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.time) -> None:
+        if not interval_s > 0:
+            raise ValueError("interval must be positive")
+        self.interval = interval_s
+        self.clock = clock
+        self._slot: int | None = None
+
+    def delay(self) -> float:
+        """Seconds from now to the next slot, which becomes the current one."""
+        now = self.clock()
+        nxt = math.floor(now / self.interval) + 1
+        if self._slot is None:
+            # The first read happened on connect, off the grid: not again within half a slot.
+            if (nxt * self.interval - now) < self.interval / 2:
+                nxt += 1
+        elif nxt == self._slot:  # woke a hair early, before the slot's own start
+            nxt += 1
+        self._slot = nxt
+        return max(0.0, nxt * self.interval - now)
 
 
 @dataclass(frozen=True)
@@ -140,7 +172,6 @@ class Runtime:
         backoff = Backoff(max(p.interval_s, self.min_backoff_s), self.max_backoff_s)
         failures = 0
         schema: DeviceSchema | None = None
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 try:
@@ -150,7 +181,7 @@ class Runtime:
                         _raise_if_cancelling()
                         st.info.update(getattr(drv, "info", {}))
                         log.info("%s: connected (%d fields)", drv.device_id, len(schema.fields))
-                    due = loop.time()
+                    cadence = Cadence(p.interval_s)
                     while True:
                         values = await self._read(drv, p.timeout_s)
                         _raise_if_cancelling()
@@ -161,11 +192,7 @@ class Runtime:
                             log.info("%s: back after %d failed reads", drv.device_id, failures)
                         failures = 0
                         backoff.reset()
-                        due += p.interval_s
-                        now = loop.time()
-                        if due < now:  # overran: keep the cadence, skip the missed slots
-                            due = now + (p.interval_s - (now - due) % p.interval_s)
-                        await asyncio.sleep(due - now)
+                        await asyncio.sleep(cadence.delay())
                 except DeviceError as exc:
                     failures += 1
                     self._failed(st, exc, failures)

@@ -38,6 +38,17 @@ __all__ = ("LiveClient", "LiveHub")
 
 log = logging.getLogger(__name__)
 
+GATHER_S = 0.005
+"""How long a change waits for the rest of its read slot: devices with one interval are read
+together (``runtime.Cadence``) and finish within milliseconds of each other, so they go out in
+one message instead of the first alone and the rest a whole interval later."""
+
+SPACING = 0.9
+"""Messages to one client are at least ``SPACING / rate`` seconds apart (``_send_delay``)."""
+
+BURST = 2.0
+"""Tokens a client's rate limiter holds at most (``LiveClient._send_delay``)."""
+
 _UNSENT: Any = object()
 """Marks a value slot a client has not sent yet (differs from every value, None included)."""
 
@@ -76,25 +87,52 @@ class LiveClient:
     the client's rate allows one."""
 
     hub: LiveHub
-    rate: float
-    """Messages per second at most."""
+    rate: int
+    """Messages per second at most, on average (see ``_send_delay``)."""
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _sent: dict[str, _Sent] = field(default_factory=dict)
+    _tokens: float = BURST
+    _tokens_at: float = -math.inf
     _last_send: float = -math.inf
     _snapshot_sent: bool = False
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(BURST, self._tokens + (now - self._tokens_at) * self.rate)
+        self._tokens_at = now
+
+    def _send_delay(self, now: float) -> float:
+        """Seconds until the rate allows the next message.
+
+        Two limits: messages at least ``SPACING / rate`` apart, and a token bucket of
+        ``rate`` tokens a second holding at most ``BURST``, one per message, so that over
+        time they average at most ``rate`` a second. The slack between the two lets a client
+        whose message went out late (a busy moment) catch up with the devices' read slots;
+        a limiter with none (each message exactly ``1 / rate`` after the last) stays late
+        for good when the devices make exactly ``rate`` slots a second, adding up to a whole
+        interval to every update.
+        """
+        self._refill(now)
+        return max(
+            0.0,
+            self._last_send + SPACING / self.rate - now,
+            (1.0 - self._tokens) / self.rate,
+        )
+
+    def _record_send(self, at: float) -> None:
+        self._last_send = at
+        self._refill(at)
+        self._tokens -= 1.0
 
     async def next_message(self) -> bytes:
         """Wait until something changed and the rate allows a message; return it (JSON).
 
-        A change after a quiet period goes out at once; changes within ``1/rate`` s of the
-        previous message are merged into one message at the end of that interval."""
+        A change after a quiet period waits ``GATHER_S`` for the rest of its read slot;
+        changes that arrive while the rate holds messages back are merged into one."""
         loop = asyncio.get_running_loop()
-        interval = 1.0 / self.rate
+        gather = min(GATHER_S, 0.1 / self.rate)
         while True:
             await self._wake.wait()
-            wait = self._last_send + interval - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            await asyncio.sleep(max(self._send_delay(loop.time()), gather))
             # Clear before building, with no await in between: a change that lands while the
             # message is on its way wakes the next round and is never lost.
             self._wake.clear()
@@ -104,7 +142,7 @@ class LiveClient:
                 msg = self.hub._snapshot(self)
                 self._snapshot_sent = True
             if msg is not None:
-                self._last_send = loop.time()
+                self._record_send(loop.time())
                 self.hub.messages += 1
                 return msg
 
@@ -218,7 +256,7 @@ class LiveHub:
         return changed
 
     @contextlib.asynccontextmanager
-    async def client(self, rate: float) -> AsyncIterator[LiveClient]:
+    async def client(self, rate: int) -> AsyncIterator[LiveClient]:
         """Register a client for the duration of the block."""
         if not rate > 0:
             raise ValueError("rate must be positive")

@@ -10,7 +10,7 @@ import pytest
 
 from cloud_sync import DeviceSchema, default_field
 from edge_runtime.devices.base import DeviceError, DeviceGoneError, Sink, Values
-from edge_runtime.runtime import Backoff, Polled, Runtime
+from edge_runtime.runtime import Backoff, Cadence, Polled, Runtime
 from edge_runtime.store import Reader, Store
 
 SCHEMA = DeviceSchema("meter", "fake", (default_field("power_w", "W", 5),))
@@ -73,6 +73,40 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
         assert top / 2 <= d <= top
     b.reset()
     assert b.next() <= 1.0
+
+
+def test_cadence_reads_on_wall_clock_slots_and_skips_missed_ones() -> None:
+    now = [1000.37]
+    c = Cadence(0.5, lambda: now[0])
+    assert c.delay() == pytest.approx(0.63)  # 1000.5 is under half a slot after connect
+    now[0] = 1001.0 - 1e-9  # the sleep ended a hair early: that read was slot 1001.0's
+    assert c.delay() == pytest.approx(0.5)
+    now[0] = 1001.52  # a 20 ms read
+    assert c.delay() == pytest.approx(0.48)
+    now[0] = 1002.7  # a read overran: 1002.0 and 1002.5 are skipped, not read back to back
+    assert c.delay() == pytest.approx(0.3)
+    now[0] = 900.1  # the clock stepped back (NTP at boot): the next slot of the new time
+    assert c.delay() == pytest.approx(0.4)
+    now[0] = 5000.0  # stepped forward
+    assert c.delay() == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        Cadence(0)
+
+
+async def test_devices_with_one_interval_are_read_together(store: Store) -> None:
+    drivers = [FakeDriver(f"m{i}") for i in range(3)]
+    rt = Runtime(store, [Polled(d, 0.1, 0.2) for d in drivers])
+    task = asyncio.create_task(rt.run())
+    try:
+        await until(lambda: all(d.reads >= 6 for d in drivers))
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    # after the read on connect, each read lands on the same 100 ms slot for all three
+    for k in range(1, 5):
+        times = [d.read_times[k] for d in drivers]
+        assert max(times) - min(times) < 0.02, times
 
 
 async def test_cadence_and_a_silent_device_does_not_disturb_the_others(store: Store) -> None:

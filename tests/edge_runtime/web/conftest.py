@@ -62,14 +62,18 @@ class ScriptedDriver:
         device_id: str,
         schema: DeviceSchema = SCHEMA,
         values: Callable[[int], Values] | None = None,
+        *,
+        connect_delay_s: float = 0.0,
     ) -> None:
         self.device_id = device_id
+        self.connect_delay_s = connect_delay_s
         self.schema = schema
         self.values = values or (lambda n: (float(n), 230.0, n / 1000))
         self.mode = "ok"
         self.reads = 0
 
     async def connect(self) -> DeviceSchema:
+        await asyncio.sleep(self.connect_delay_s)
         return self.schema
 
     async def read(self) -> Values:

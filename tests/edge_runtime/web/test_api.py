@@ -36,6 +36,7 @@ from edge_runtime.store import HOUR_MS, MINUTE_MS, Store
 from edge_runtime.web import ServerReady, create_app, hash_password, serve, verify_password
 from edge_runtime.web import api as web_api
 from edge_runtime.web.auth import RateLimiter, parse_password_hash
+from edge_runtime.web.live import LiveClient
 
 from .conftest import (
     INDEX_HTML,
@@ -535,6 +536,50 @@ async def test_live_coalesces_a_fast_device_to_the_client_rate(start_site: Start
     # Every frame either had a message or was merged into a newer one, and counted.
     assert site.hub.dropped_updates == 300 - len(values)
     assert live == {"clients": 1, "messages": len(times) + 1, "dropped_updates": 300 - len(values)}
+
+
+def test_live_rate_limit_catches_up_with_the_read_slots() -> None:
+    """Devices make exactly ``rate`` slots a second; one late message must not make every
+    later one late too (a fixed ``1/rate`` period would keep the lag for good)."""
+    rate = 10
+    c = LiveClient(hub=None, rate=rate)  # type: ignore[arg-type]  # the limiter alone
+
+    def send_at(t: float) -> float:
+        at = t + c._send_delay(t)
+        c._record_send(at)
+        return at
+
+    lags = []
+    for k in range(40):
+        tick = 100.0 + k / rate
+        at = send_at(tick + (0.06 if k == 5 else 0.0))  # message 5 goes out 60 ms late
+        lags.append(at - tick)
+    assert lags[:5] == [0.0] * 5 and lags[5] == pytest.approx(0.06)
+    assert all(lag < 0.001 for lag in lags[12:]), lags  # back on the slots within 7 ticks
+    # Flooded (a change every millisecond): never closer than 0.9/rate, and the long-run
+    # average stays at the rate.
+    t, sends = 200.0, []
+    while t < 210.0:
+        sends.append(send_at(t))
+        t = sends[-1] + 0.001
+    gaps = [b - a for a, b in itertools.pairwise(sends)]
+    assert min(gaps) >= 0.9 / rate - 1e-9
+    assert len(sends) <= 10 * rate + 2
+
+
+async def test_live_devices_read_on_one_slot_arrive_in_one_message(start_site: StartSite) -> None:
+    # connected at different moments: only the slots can bring their reads together
+    drivers = [ScriptedDriver(f"m{i}", connect_delay_s=0.017 * i) for i in range(6)]
+    site = await start_site([Polled(d, 0.1, 0.5) for d in drivers], live_rate=10)
+    await until(lambda: all(d.reads >= 2 for d in drivers))
+    sizes = []
+    async with websockets.connect(site.ws_url) as ws:
+        await recv(ws)  # snapshot
+        for _ in range(20):
+            sizes.append(len((await recv(ws))["d"]))
+    # Reads share the wall clock's 100 ms slots and the client gathers a slot's frames, so
+    # nearly every message carries all six devices instead of one and the rest 100 ms later.
+    assert sum(n == 6 for n in sizes) >= 16, sizes
 
 
 def _stalled_client(url: str) -> socket.socket:
