@@ -7,14 +7,12 @@ documented in the README's configuration reference (a test checks that).
 
 from __future__ import annotations
 
-import re
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
 
-from .tomlerrors import format_path, line_of, split_error
+from .tomlerrors import format_path, line_of, parse_toml, read_text, split_error
 
 __all__ = (
     "ConfigError",
@@ -169,20 +167,11 @@ class SiteConfig(_Strict, frozen=True):
 def load_config(path: str | Path) -> SiteConfig:
     """Read and validate a configuration file; raise ConfigError naming file, line and key."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from exc
-    return parse_config(text, str(p))
+    return parse_config(read_text(p, ConfigError), str(p))
 
 
 def parse_config(text: str, filename: str = "<config>") -> SiteConfig:
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        m = re.search(r"\(at line (\d+), column \d+\)", str(exc))
-        where = f"{filename}:{m.group(1)}" if m else filename
-        raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
+    raw = parse_toml(text, filename, ConfigError)
     try:
         return msgspec.convert(raw, SiteConfig, strict=True)
     except msgspec.ValidationError as exc:

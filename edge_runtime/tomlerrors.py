@@ -1,4 +1,4 @@
-"""Where in a TOML file a msgspec validation error points: line and key path.
+"""Reading TOML files for users, and where in one a msgspec validation error points.
 
 msgspec says ``Expected `int`, got `str` - at `$.devices[1].port```; users want
 ``site.toml:14: devices[1].port: ...``. Shared by the site configuration and the Modbus
@@ -8,8 +8,32 @@ register profiles.
 from __future__ import annotations
 
 import re
+import tomllib
+from pathlib import Path
+from typing import Any
 
-__all__ = ("format_path", "line_of", "split_error")
+__all__ = ("format_path", "line_of", "parse_toml", "read_text", "split_error")
+
+_TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+def read_text(path: Path, error: type[Exception]) -> str:
+    """The file's text; ``error`` naming the file when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
+def parse_toml(text: str, source: str, error: type[Exception]) -> dict[str, Any]:
+    """The parsed document; ``error`` as ``source:line: not valid TOML: ...`` on bad syntax."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = _TOML_LINE.search(str(exc))
+        where = f"{source}:{m.group(1)}" if m else source
+        raise error(f"{where}: not valid TOML: {exc}") from exc
+
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _FIELD = re.compile(r"(?:unknown|required) field `(?P<name>[^`]+)`")

@@ -36,7 +36,6 @@ import itertools
 import math
 import re
 import struct
-import tomllib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -45,7 +44,7 @@ import msgspec
 
 from cloud_sync import DeviceSchema
 
-from ..tomlerrors import format_path, line_of, split_error
+from ..tomlerrors import format_path, line_of, parse_toml, read_text, split_error
 from .base import field_from_name, unit_of
 
 __all__ = (
@@ -334,20 +333,13 @@ def load_profile(name_or_path: str | Path) -> Profile:
     path = Path(s) if is_path else PROFILES_DIR / f"{s}.toml"
     if not is_path and not path.is_file():
         raise ProfileError(f"no shipped register profile {s!r}; shipped: {shipped_profiles()}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return parse_profile(text, str(path))
+    return parse_profile(read_text(path, ProfileError), str(path))
 
 
 def parse_profile(text: str, source: str = "<profile>") -> Profile:
     """A profile from TOML text; ``source`` names it in errors."""
     name = Path(source).name
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{name}: not valid TOML: {exc}") from exc
+    raw = parse_toml(text, name, ProfileError)
     try:
         spec = msgspec.convert(raw, _ProfileSpec, strict=True)
     except msgspec.ValidationError as exc:

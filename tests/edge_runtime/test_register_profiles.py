@@ -269,6 +269,7 @@ OK_FIELD = '\n[[fields]]\nname = "voltage_v"\naddress = 0\n'
         ),
         ("colour = 1\n" + OK_FIELD, r"^bad\.toml:5: colour: Object contains unknown field"),
         ("fields = [\n", r"^bad\.toml: not valid TOML"),
+        ("colour = = 1\n", r"^bad\.toml:5: not valid TOML"),
     ],
     ids=[
         "overlap",
@@ -285,6 +286,7 @@ OK_FIELD = '\n[[fields]]\nname = "voltage_v"\naddress = 0\n'
         "missing-name",
         "unknown-top-level-key",
         "not-toml",
+        "not-toml-at-a-line",
     ],
 )
 def test_bad_profiles_say_which_file_and_field(tmp_path: Path, body: str, expected: str) -> None:
