@@ -27,11 +27,15 @@ sysdeps:
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-# The browser the dashboard tests drive (Debian's, never a downloaded one).
+# The browser the dashboard tests drive (Debian's, never a downloaded one) and the PostgreSQL
+# server the hub's storage tests start in a temporary folder of their own.
 testdeps: sysdeps
-	@if [ ! -x /usr/lib/chromium/chromium ]; then \
-	  echo "installing system packages: chromium"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	@missing=""; \
+	[ -x /usr/lib/chromium/chromium ] || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
 # uPlot from npm, copied into the package's static files (a LAN with no internet has no CDN).
@@ -84,6 +88,11 @@ bench-codec: $(STAMP)
 	  --tol inveter_temp__784=0.1 --tol module_temp_1__781=0.1 --tol module_temp_2__782=0.1 \
 	  --tol module_temp_3__783=0.1 --tol poa_irradiance__771=5 \
 	  --window 60 --window 600
+	# Sparse and steady: the kitchen sub-meter alone (0 Wh in 95% of the minutes), Unix seconds.
+	$(BIN)/python -m bench.sparse_csv --source ../shared/data/uci_household_power_1min.csv \
+	  --column Sub_metering_1 --out build/bench/uci_sub_metering_1_unix_s.csv
+	$(BIN)/python -m bench.codec --csv build/bench/uci_sub_metering_1_unix_s.csv --time-column unix_s \
+	  --time-unit s --tol Sub_metering_1=0.5 --window 60 --window 600
 
 demo: $(STAMP)
 	$(BIN)/gridlet demo

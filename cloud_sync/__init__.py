@@ -1,4 +1,6 @@
-"""The sync contract between edge and hub: the frame model and the batch codec.
+"""The sync contract between edge and hub: the frame model, the batch codec, node signing
+keys, the HTTP conversation (``protocol``), the rollups both sides compute, and the edge's
+uploader.
 
 ``encode(frames, schemas, ...) -> bytes`` and ``decode(bytes, schemas) -> Batch``; every bad
 body raises ``BatchError``.
@@ -10,11 +12,12 @@ from .batch import (
     WIRE_VERSION,
     Batch,
     BatchError,
+    ChainError,
     UnknownSchemaError,
     decode,
     encode,
 )
-from .model import DeviceSchema, Field, Frame, default_field
+from .model import DeviceHealth, DeviceSchema, Field, Frame, Loss, NodeStatus, default_field
 
 __all__ = (
     "MAX_BODY_BYTES",
@@ -22,9 +25,13 @@ __all__ = (
     "WIRE_VERSION",
     "Batch",
     "BatchError",
+    "ChainError",
+    "DeviceHealth",
     "DeviceSchema",
     "Field",
     "Frame",
+    "Loss",
+    "NodeStatus",
     "UnknownSchemaError",
     "decode",
     "default_field",

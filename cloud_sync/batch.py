@@ -1,9 +1,11 @@
 """The batch codec: frames <-> one protobuf upload body, compressed by predictor_ext.
 
-``encode`` groups frames by device and codes each device's rows as one block; ``decode`` turns
-any body back into frames or raises ``BatchError``, the one exception type for bad input.
-Decoding is bounded: the body size and the number of values it may declare are capped before
-anything is allocated, and every loop is bounded by those declared counts.
+``encode`` groups frames by device and codes each device's rows as one block, a keyframe or,
+given the state a previous block ended with, a chained block. A receiver ``parse``s a body
+(header, status and block headers; schemas resolved), then ``decode_columns`` each block with
+the state it holds for a chained one; ``decode`` does both for bodies of keyframes. Every bad
+input raises ``BatchError``. Decoding is bounded: the body size and the number of values it may
+declare are capped before anything is allocated, and every loop is bounded by those counts.
 """
 
 from __future__ import annotations
@@ -18,21 +20,29 @@ from google.protobuf.message import DecodeError
 import predictor_ext
 from proto import telemetry_pb2 as pb
 
-from .model import DeviceSchema, Field, Frame, Model
+from .model import DeviceHealth, DeviceSchema, Field, Frame, Loss, Model, NodeStatus
 
 __all__ = (
     "MAX_BODY_BYTES",
     "MAX_FIELDS",
     "MAX_VALUES",
+    "READABLE_VERSIONS",
     "WIRE_VERSION",
     "Batch",
     "BatchError",
+    "BlockHeader",
+    "ChainError",
+    "Columns",
+    "Parsed",
     "UnknownSchemaError",
     "decode",
+    "decode_columns",
     "encode",
+    "parse",
 )
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_VALUES = 2_000_000  # per batch, timestamps and sequence numbers included
 MAX_FIELDS = 4096  # per device schema
@@ -58,6 +68,19 @@ class UnknownSchemaError(BatchError):
         super().__init__("unknown device schema(s): " + ", ".join(h.hex() for h in self.hashes))
 
 
+class ChainError(BatchError):
+    """Chained blocks arrived for devices whose predecessor state the receiver does not hold.
+
+    ``device_ids`` lists them; the sender should send those frames again as keyframes.
+    """
+
+    def __init__(self, device_ids: Sequence[str]) -> None:
+        self.device_ids = tuple(device_ids)
+        super().__init__(
+            "no state to continue for device(s) " + ", ".join(repr(d) for d in self.device_ids)
+        )
+
+
 class Batch(msgspec.Struct, frozen=True):
     """A decoded upload: who sent it, and its frames with the schemas they follow."""
 
@@ -66,6 +89,7 @@ class Batch(msgspec.Struct, frozen=True):
     created_ms: int
     frames: list[Frame]
     schemas: dict[str, DeviceSchema]
+    status: NodeStatus | None = None
 
 
 def _alpha_q(x: float) -> int:
@@ -132,6 +156,53 @@ def _flat_columns(rows: Sequence[Frame], nf: int) -> array[float]:
     return out
 
 
+class BlockHeader(msgspec.Struct):
+    """One device block of a parsed body, not yet decoded.
+
+    ``schema`` is None for a chained block: it follows its predecessor's schema.
+    """
+
+    device_id: str
+    frames: int
+    first_ts_ms: int
+    first_seq: int
+    chain_from: int
+    data: bytes
+    schema: DeviceSchema | None
+    schema_digest: bytes | None
+
+
+class Parsed(msgspec.Struct):
+    """A body's header, the node's status and its blocks, schemas resolved, nothing decoded."""
+
+    version: int
+    node_id: str
+    batch_id: int
+    created_ms: int
+    status: NodeStatus | None
+    blocks: list[BlockHeader]
+    declared_values: int
+    """Values the keyframe blocks declare (timestamps and sequence numbers included)."""
+
+
+class Columns(msgspec.Struct):
+    """One decoded block: int64 timestamps and sequence numbers, float64 values column-major
+    (field j at ``values[j * n:(j + 1) * n]``, MISSING for missing), as the codec keeps them."""
+
+    device_id: str
+    schema: DeviceSchema
+    ts: array[int]
+    seqs: array[int]
+    values: array[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.ts)
+
+    def frames(self) -> list[Frame]:
+        return _frames(self.device_id, self.ts, self.seqs, self.values, len(self.schema.fields))
+
+
 def encode(
     frames: Iterable[Frame],
     schemas: Mapping[str, DeviceSchema],
@@ -140,17 +211,26 @@ def encode(
     batch_id: int,
     created_ms: int,
     known_schemas: Container[bytes] = frozenset(),
+    chains: Mapping[str, tuple[int, bytes | bytearray]] | None = None,
+    states_out: dict[str, bytearray] | None = None,
+    status: NodeStatus | None = None,
 ) -> bytes:
-    """Encode frames into one upload body.
+    """Encode frames (and the node's status) into one upload body.
 
     ``schemas`` maps each device id to its schema; a schema whose digest is in
     ``known_schemas`` (the receiver holds it) travels by reference, any other whole.
+    ``chains`` maps a device id to (batch id, state): its block continues the state that
+    device's block in that batch ended with (the caller's state is not changed). Every other
+    block is a keyframe. ``states_out``, when given, receives each device's end state, from
+    which a later batch may continue once the receiver confirms it holds it.
     Raises ValueError for frames that do not fit their schema.
     """
     by_device: dict[str, list[Frame]] = {}
     for frame in frames:
         by_device.setdefault(frame.device_id, []).append(frame)
     msg = pb.Batch(version=WIRE_VERSION, node_id=node_id, batch_id=batch_id, created_ms=created_ms)
+    if status is not None:
+        _status_to_pb(status, msg.status)
     for device_id, rows in by_device.items():
         schema = schemas.get(device_id)
         if schema is None:
@@ -166,10 +246,17 @@ def encode(
         seqs = array("q", [r.seq for r in rows])
         values = _flat_columns(rows, nf)
         tols, kinds, alphas, betas = _params(schema)
-        data = predictor_ext.encode_block(ts, seqs, values, tols, kinds, alphas, betas)
-        block = msg.devices.add(
-            device_id=device_id, frames=len(rows), first_ts_ms=ts[0], first_seq=seqs[0], data=data
-        )
+        chain = chains.get(device_id) if chains else None
+        state = bytearray(chain[1]) if chain else predictor_ext.new_state(nf)
+        data = predictor_ext.encode_block(ts, seqs, values, tols, kinds, alphas, betas, state=state)
+        if states_out is not None:
+            states_out[device_id] = state
+        block = msg.devices.add(device_id=device_id, frames=len(rows), data=data)
+        if chain:
+            block.chain_from = chain[0]
+            continue
+        block.first_ts_ms = ts[0]
+        block.first_seq = seqs[0]
         digest = schema.digest()
         if digest in known_schemas:
             block.schema_hash = digest
@@ -179,14 +266,15 @@ def encode(
     return out
 
 
-def decode(
+def parse(
     body: bytes,
     schemas: Mapping[bytes, DeviceSchema] | None = None,
     *,
     max_bytes: int = MAX_BODY_BYTES,
     max_values: int = MAX_VALUES,
-) -> Batch:
-    """Decode an upload body; ``schemas`` maps digests to schemas the receiver already holds.
+) -> Parsed:
+    """Parse an upload body without decoding its blocks; ``schemas`` maps digests to schemas
+    the receiver already holds.
 
     Raises BatchError for anything that is not a valid batch, and UnknownSchemaError (a
     BatchError) when the body names schemas by a digest that ``schemas`` lacks.
@@ -198,10 +286,14 @@ def decode(
         msg.ParseFromString(body)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise BatchError(f"not a protobuf Batch: {exc}") from exc
-    if msg.version != WIRE_VERSION:
-        raise BatchError(f"unknown wire format version {msg.version} (this side reads 1)")
+    if msg.version not in READABLE_VERSIONS:
+        raise BatchError(
+            f"unknown wire format version {msg.version} (this side reads "
+            + ", ".join(map(str, READABLE_VERSIONS))
+            + ")"
+        )
     known = schemas or {}
-    resolved: list[DeviceSchema] = []
+    blocks: list[BlockHeader] = []
     missing: list[bytes] = []
     total = 0
     seen: set[str] = set()
@@ -211,45 +303,72 @@ def decode(
         if block.device_id in seen:
             raise BatchError(f"device {block.device_id!r} appears twice")
         seen.add(block.device_id)
+        if block.frames == 0:
+            raise BatchError(f"device {block.device_id!r}: a block of zero frames")
         which = block.WhichOneof("schema_ref")
-        if which == "schema":
+        schema: DeviceSchema | None = None
+        digest: bytes | None = None
+        if block.chain_from:
+            if msg.version < 2:
+                raise BatchError(f"device {block.device_id!r}: a chained block in version 1")
+            if which is not None:
+                raise BatchError(f"device {block.device_id!r}: a chained block carries a schema")
+        elif which == "schema":
             schema = _schema_from_pb(block.schema)
+            digest = schema.digest()
         elif which == "schema_hash":
-            held = known.get(block.schema_hash)
-            if held is None:
-                missing.append(block.schema_hash)
+            digest = bytes(block.schema_hash)
+            schema = known.get(digest)
+            if schema is None:
+                missing.append(digest)
                 continue
-            schema = held
         else:
             raise BatchError(f"device {block.device_id!r} carries no schema")
-        total += block.frames * (len(schema.fields) + 2)
-        if total > max_values:
-            raise BatchError(f"batch declares over {max_values} values")
-        resolved.append(schema)
+        if schema is not None:
+            total += block.frames * (len(schema.fields) + 2)
+            if total > max_values:
+                raise BatchError(f"batch declares over {max_values} values")
+        blocks.append(
+            BlockHeader(
+                device_id=block.device_id,
+                frames=block.frames,
+                first_ts_ms=block.first_ts_ms,
+                first_seq=block.first_seq,
+                chain_from=block.chain_from,
+                data=block.data,
+                schema=schema,
+                schema_digest=digest,
+            )
+        )
     if missing:
         raise UnknownSchemaError(missing)
-
-    frames: list[Frame] = []
-    by_device: dict[str, DeviceSchema] = {}
-    for block, schema in zip(msg.devices, resolved, strict=True):
-        by_device[block.device_id] = schema
-        frames.extend(_decode_block(block, schema))
-    return Batch(
+    return Parsed(
+        version=msg.version,
         node_id=msg.node_id,
         batch_id=msg.batch_id,
         created_ms=msg.created_ms,
-        frames=frames,
-        schemas=by_device,
+        status=_status_from_pb(msg.status) if msg.HasField("status") else None,
+        blocks=blocks,
+        declared_values=total,
     )
 
 
-def _decode_block(block: pb.DeviceBlock, schema: DeviceSchema) -> list[Frame]:
+def decode_columns(
+    block: BlockHeader,
+    schema: DeviceSchema,
+    state: bytearray | None = None,
+    *,
+    max_values: int = MAX_VALUES,
+) -> Columns:
+    """Decode one block. A chained block needs the ``state`` its predecessor ended with (and
+    the predecessor's schema); a keyframe may take a fresh state to receive its end state.
+    ``state`` is updated in place only when the block decodes. Raises BatchError."""
     n = block.frames
     nf = len(schema.fields)
-    if n == 0:
-        if block.data:
-            raise BatchError(f"device {block.device_id!r}: data for zero frames")
-        return []
+    if n * (nf + 2) > max_values:
+        raise BatchError(f"device {block.device_id!r}: block declares over {max_values} values")
+    if block.chain_from and state is None:
+        raise ChainError([block.device_id])
     ts = array("q", bytes(8 * n))
     seqs = array("q", bytes(8 * n))
     flat = array("d", bytes(8 * n * nf))
@@ -258,8 +377,8 @@ def _decode_block(block: pb.DeviceBlock, schema: DeviceSchema) -> list[Frame]:
         predictor_ext.decode_block(
             block.data,
             n,
-            block.first_ts_ms,
-            block.first_seq,
+            0 if block.chain_from else block.first_ts_ms,
+            0 if block.chain_from else block.first_seq,
             tols,
             kinds,
             alphas,
@@ -267,15 +386,54 @@ def _decode_block(block: pb.DeviceBlock, schema: DeviceSchema) -> list[Frame]:
             ts,
             seqs,
             flat,
+            state=state,
         )
     except (predictor_ext.CodecError, ValueError, OverflowError) as exc:
         raise BatchError(f"device {block.device_id!r}: {exc}") from exc
+    return Columns(block.device_id, schema, ts, seqs, flat)
+
+
+def decode(
+    body: bytes,
+    schemas: Mapping[bytes, DeviceSchema] | None = None,
+    *,
+    max_bytes: int = MAX_BODY_BYTES,
+    max_values: int = MAX_VALUES,
+) -> Batch:
+    """Decode a body of keyframe blocks into frames; ``schemas`` maps digests to schemas the
+    receiver already holds.
+
+    Raises BatchError for anything that is not a valid batch, UnknownSchemaError (a
+    BatchError) when the body names schemas by a digest that ``schemas`` lacks, and
+    ChainError (a BatchError) when it holds chained blocks.
+    """
+    parsed = parse(body, schemas, max_bytes=max_bytes, max_values=max_values)
+    chained = [b.device_id for b in parsed.blocks if b.schema is None]
+    if chained:
+        raise ChainError(chained)
+    frames: list[Frame] = []
+    by_device: dict[str, DeviceSchema] = {}
+    for block in parsed.blocks:
+        assert block.schema is not None
+        by_device[block.device_id] = block.schema
+        frames.extend(decode_columns(block, block.schema).frames())
+    return Batch(
+        node_id=parsed.node_id,
+        batch_id=parsed.batch_id,
+        created_ms=parsed.created_ms,
+        frames=frames,
+        schemas=by_device,
+        status=parsed.status,
+    )
+
+
+def _frames(dev: str, ts: array[int], seqs: array[int], flat: array[float], nf: int) -> list[Frame]:
+    n = len(ts)
     values: list[list[float | None]] = [list(flat[j * n : (j + 1) * n]) for j in range(nf)]
     for col in values:
         for i, v in enumerate(col):
             if v != v and _is_missing(v):  # noqa: PLR0124 - NaN check
                 col[i] = None
-    dev = block.device_id
     if nf == 0:
         return [Frame(dev, ts[i], seqs[i], ()) for i in range(n)]
     return [
@@ -289,3 +447,72 @@ def _is_missing(v: float | None) -> bool:
 
 def _bits(v: float) -> int:
     return int.from_bytes(array("d", [v]).tobytes(), "little")
+
+
+def _opt(v: int) -> int | None:
+    return v or None
+
+
+def _status_to_pb(st: NodeStatus, out: pb.NodeStatus) -> None:
+    out.software_version = st.software_version
+    out.boot_ms = st.boot_ms or 0
+    out.started_ms = st.started_ms or 0
+    out.backlog_frames = st.backlog_frames
+    out.backlog_oldest_ms = st.backlog_oldest_ms or 0
+    out.disk_free_bytes = st.disk_free_bytes or 0
+    out.drift_ms = st.drift_ms or 0
+    for d in st.devices:
+        out.devices.add(
+            device_id=d.device_id,
+            online=d.online,
+            last_seen_ms=d.last_seen_ms or 0,
+            errors=d.errors,
+            timeouts=d.timeouts,
+            last_error=d.last_error or "",
+        )
+    for loss in st.losses:
+        out.losses.add(
+            device_id=loss.device_id,
+            day_ms=loss.day_ms,
+            evicted=loss.evicted,
+            rejected=loss.rejected,
+            gaps=loss.gaps,
+        )
+
+
+def _status_from_pb(msg: pb.NodeStatus) -> NodeStatus:
+    if len(msg.devices) > MAX_FIELDS or len(msg.losses) > 64 * MAX_FIELDS:
+        raise BatchError("node status lists too many devices or losses")
+    try:
+        return NodeStatus(
+            software_version=msg.software_version,
+            boot_ms=_opt(msg.boot_ms),
+            started_ms=_opt(msg.started_ms),
+            backlog_frames=msg.backlog_frames,
+            backlog_oldest_ms=_opt(msg.backlog_oldest_ms),
+            disk_free_bytes=_opt(msg.disk_free_bytes),
+            drift_ms=_opt(msg.drift_ms),
+            devices=tuple(
+                DeviceHealth(
+                    device_id=d.device_id,
+                    online=d.online,
+                    last_seen_ms=_opt(d.last_seen_ms),
+                    errors=d.errors,
+                    timeouts=d.timeouts,
+                    last_error=d.last_error or None,
+                )
+                for d in msg.devices
+            ),
+            losses=tuple(
+                Loss(
+                    device_id=x.device_id,
+                    day_ms=x.day_ms,
+                    evicted=x.evicted,
+                    rejected=x.rejected,
+                    gaps=x.gaps,
+                )
+                for x in msg.losses
+            ),
+        )
+    except (TypeError, ValueError) as exc:
+        raise BatchError(f"invalid node status: {exc}") from exc

@@ -9,10 +9,13 @@ from typing import Literal
 import msgspec
 
 __all__ = (
+    "DeviceHealth",
     "DeviceSchema",
     "Field",
     "Frame",
+    "Loss",
     "Model",
+    "NodeStatus",
     "default_field",
 )
 
@@ -92,3 +95,42 @@ class Frame(msgspec.Struct, frozen=True, array_like=True):
     ts_ms: int
     seq: int
     values: tuple[float | None, ...]
+
+
+class DeviceHealth(msgspec.Struct, frozen=True, kw_only=True):
+    """A device as the node sees it, carried in every status."""
+
+    device_id: str
+    online: bool
+    last_seen_ms: int | None = None
+    errors: int = 0
+    timeouts: int = 0
+    last_error: str | None = None
+
+
+class Loss(msgspec.Struct, frozen=True, kw_only=True):
+    """Running totals of one device's frames of one UTC day that never reach the hub."""
+
+    device_id: str
+    day_ms: int
+    evicted: int = 0
+    """Evicted by the node's size cap before they were uploaded."""
+    rejected: int = 0
+    """Refused by the hub as malformed; the node keeps the batch in its dead letters."""
+    gaps: int = 0
+    """Sequence numbers the device itself skipped (an ESP32's own losses)."""
+
+
+class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The node's heartbeat: software, clock, backlog and devices (at least every 60 s)."""
+
+    software_version: str
+    boot_ms: int | None = None
+    started_ms: int | None = None
+    backlog_frames: int = 0
+    backlog_oldest_ms: int | None = None
+    disk_free_bytes: int | None = None
+    drift_ms: int | None = None
+    """The node's clock minus the hub's, as the node last measured it."""
+    devices: tuple[DeviceHealth, ...] = ()
+    losses: tuple[Loss, ...] = ()

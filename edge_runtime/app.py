@@ -107,15 +107,24 @@ async def run_site(
     try:
         polled, push = build_drivers(cfg, base_dir)
         runtime = Runtime(store, [*polled, *extra_polled], push)
+        sync_status = None
+        if cfg.sync.enabled:
+            from .sync import make_uploader, sync_info
+
+            uploader = make_uploader(runtime, cfg, store.path.parent)
+            runtime.services.append(("sync", uploader.run))
+            sync_status = sync_info(uploader)
         if cfg.http.enabled:
             # Imported only when used: a headless site never loads the web stack.
             from .web import Dashboard
 
-            dashboard = Dashboard(runtime, cfg)
+            dashboard = Dashboard(runtime, cfg, sync_status=sync_status)
             runtime.services.extend(dashboard.services())
         # pymodbus logs every failed connect as a warning; the scheduler already reports
         # the first failure of a streak, so keep its chatter for debugging.
         logging.getLogger("pymodbus").setLevel(max(logging.ERROR, log.getEffectiveLevel()))
+        # httpx logs every request at INFO: one line per upload would wear out an SD card.
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
         if commit_log is not None:
             store.on_commit.append(lambda r: _log_commit(commit_log, r))
         task = asyncio.current_task()

@@ -47,6 +47,10 @@ class Subscription:
         self._items.append(item)
         self._ready.set()
 
+    def wake(self) -> None:
+        """Make a waiting ``get_batch`` return now, with what is queued (perhaps nothing)."""
+        self._ready.set()
+
     async def get(self) -> Reading:
         while not self._items:
             self._ready.clear()
@@ -57,13 +61,13 @@ class Subscription:
     async def get_batch(self, max_items: int, timeout: float | None = None) -> list[Reading]:
         """Up to max_items readings: waits for the first (at most ``timeout`` seconds, then
         returns what there is, possibly nothing), then takes what is queued without waiting."""
-        if not self._items:
-            self._ready.clear()
+        if not self._items and not self._ready.is_set():
             try:
                 async with asyncio.timeout(timeout):
                     await self._ready.wait()
             except TimeoutError:
                 return []
+        self._ready.clear()
         n = min(max_items, len(self._items))
         out = [self._items.popleft() for _ in range(n)]
         self.delivered += n

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import importlib.metadata
 import json
 import logging
 import sys
@@ -126,6 +127,54 @@ def hash_password_cmd() -> None:
     click.echo(hash_password(password))
 
 
+@main.command("keygen")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--force", is_flag=True, help="Replace an existing key (the hub must learn the new one)."
+)
+def keygen(config: str, force: bool) -> None:
+    """Make this node's signing key (mode 0600) and print its public key for the hub."""
+    from cloud_sync.signing import KeyFileError, NodeKey
+
+    from .app import store_path
+    from .sync import key_path
+
+    cfg = _load(config)
+    path = key_path(cfg, store_path(cfg, Path(config).resolve().parent).parent)
+    key = NodeKey.generate()
+    try:
+        key.save(path, overwrite=force)
+    except KeyFileError as exc:
+        raise click.ClickException(f"{exc} (--force replaces it)") from exc
+    click.echo(f"wrote {path}")
+    click.echo(f"public key: {key.public_text}")
+    click.echo(f"on the hub: gridlet hub add-node {cfg.site.node_id} {key.public_text}")
+
+
+@main.group("sync")
+def sync_group() -> None:
+    """Uploading to a hub."""
+
+
+@sync_group.command("status")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--follow", is_flag=True, help="Keep showing progress until Ctrl-C.")
+@click.option("--url", help="The dashboard's URL (default: from the configuration).")
+def sync_status(config: str, follow: bool, url: str | None) -> None:
+    """Backlog, rate and ETA of the upload to the hub, from the running edge."""
+    from .sync_status import show
+
+    cfg = _load(config)
+    if not cfg.sync.enabled:
+        raise click.ClickException(f"{config}: sync is not enabled ([sync] enabled = true)")
+    if url is None:
+        if not cfg.http.enabled:
+            raise click.ClickException("the dashboard is off: its API is where the figures are")
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(cfg.http.host, cfg.http.host)
+        url = f"http://{host}:{cfg.http.port}"
+    show(url, follow=follow)
+
+
 @main.command("export")
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
 @click.option("--device", required=True, help="Device id.")
@@ -166,3 +215,12 @@ def export(config: str, device: str, start: str | None, end: str | None, fmt: st
                 **dict(zip(names, frame.values, strict=True)),
             }
             out.write(json.dumps(record, allow_nan=True) + "\n")
+
+
+def _add_plugins() -> None:
+    """Command groups other gridlet packages register (``gridlet hub`` from hub_lite)."""
+    for ep in importlib.metadata.entry_points(group="gridlet.commands"):
+        main.add_command(ep.load(), ep.name)
+
+
+_add_plugins()

@@ -7,12 +7,14 @@ documented in the README's configuration reference (a test checks that).
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
-from .tomlerrors import format_path, line_of, parse_toml, read_text, split_error
+from cloud_sync.tomlerrors import locate, parse_toml, read_text
 
 __all__ = (
     "ConfigError",
@@ -26,6 +28,7 @@ __all__ = (
     "SiteConfig",
     "SiteSection",
     "StoreConfig",
+    "SyncConfig",
     "SyntheticDevice",
     "load_config",
     "parse_config",
@@ -84,6 +87,21 @@ class MqttConfig(_Strict, frozen=True):
     keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
     tolerances: dict[str, float] = {}
     """Per field name, the tolerance to keep instead of the default for its unit."""
+
+
+class SyncConfig(_Strict, frozen=True):
+    enabled: bool = False
+    hub_url: str = ""
+    """The hub's base URL, e.g. https://hub.example.org (the uploader POSTs /api/v1/batches)."""
+    key_file: str = "node.key"
+    """This node's private signing key (made by `gridlet keygen`); relative paths are relative
+    to the store's folder."""
+    interval_s: Annotated[float, msgspec.Meta(ge=0.2, le=60)] = 5.0
+    """Live batches go this often: the hub's copy lags the site by about this much."""
+    max_rows: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 600
+    """Rows per device in one batch (a backlog drains in batches of this many)."""
+    allow_insecure_http: bool = False
+    """Allow http:// to a hub that is not on this machine (a private network's choice)."""
 
 
 class _Device(_Strict, tag_field="kind", kw_only=True, frozen=True):
@@ -148,9 +166,11 @@ class SiteConfig(_Strict, frozen=True):
     store: StoreConfig = StoreConfig()
     http: HttpConfig = HttpConfig()
     mqtt: MqttConfig = MqttConfig()
+    sync: SyncConfig = SyncConfig()
     devices: list[DeviceConfig] = []
 
     def __post_init__(self) -> None:
+        _check_sync(self.sync)
         seen: set[str] = set()
         for i, dev in enumerate(self.devices):
             if dev.id in seen:
@@ -164,6 +184,28 @@ class SiteConfig(_Strict, frozen=True):
                     )
 
 
+def _check_sync(sync: SyncConfig) -> None:
+    if not sync.enabled:
+        return
+    url = urlsplit(sync.hub_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"expected an http(s) URL, got {sync.hub_url!r} - at `$.sync.hub_url`")
+    if url.scheme == "http" and not sync.allow_insecure_http and not _loopback(url.hostname):
+        raise ValueError(
+            "plain http to another machine sends readings in clear; use https or set"
+            " sync.allow_insecure_http = true - at `$.sync.hub_url`"
+        )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def load_config(path: str | Path) -> SiteConfig:
     """Read and validate a configuration file; raise ConfigError naming file, line and key."""
     p = Path(path)
@@ -175,13 +217,4 @@ def parse_config(text: str, filename: str = "<config>") -> SiteConfig:
     try:
         return msgspec.convert(raw, SiteConfig, strict=True)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_locate(str(exc), text, filename)) from exc
-
-
-def _locate(message: str, text: str, filename: str) -> str:
-    """Turn msgspec's ``... - at `$.devices[0].port``` into ``file:line: devices[0].port: ...``."""
-    msg, parts = split_error(message)
-    key = format_path(parts)
-    line = line_of(text, parts)
-    where = f"{filename}:{line}" if line else filename
-    return f"{where}: {key}: {msg}" if key else f"{where}: {msg}"
+        raise ConfigError(locate(str(exc), text, filename)) from exc

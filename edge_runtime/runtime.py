@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cloud_sync import DeviceSchema, Frame
+from cloud_sync.backoff import Backoff
 
 from .bus import Bus, Reading
 from .devices.base import (
@@ -44,24 +44,6 @@ def _raise_if_cancelling() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-class Backoff:
-    """Jittered exponential delays: ``initial * 2**n`` capped at ``maximum``, each drawn
-    uniformly from its upper half so that many devices failing together spread out."""
-
-    def __init__(self, initial: float, maximum: float = 60.0) -> None:
-        self.initial = initial
-        self.maximum = max(maximum, initial)
-        self._n = 0
-
-    def next(self) -> float:
-        top = min(self.maximum, self.initial * 2**self._n)
-        self._n = min(self._n + 1, 32)
-        return random.uniform(top / 2, top)  # jitter, not secrecy
-
-    def reset(self) -> None:
-        self._n = 0
 
 
 class Cadence:

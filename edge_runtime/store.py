@@ -13,32 +13,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import sqlite3
 import time
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import aiosqlite
 import msgspec
 
-import predictor_ext
 from cloud_sync import DeviceSchema, Frame
+from cloud_sync.rollup import (
+    DAY_MS,
+    HOUR_MS,
+    MINUTE_MS,
+    Rollup,
+    merge_blobs,
+    pack_values,
+    rollup_from_blob,
+    stats_blob,
+    unpack_values,
+)
+from cloud_sync.uploader import NO_KEY, Key, SyncState
 
 from .bus import Reading, Subscription
 
-__all__ = ("CommitReport", "Rollup", "Store", "StoreStats", "pack_values", "unpack_values")
+__all__ = (
+    "DAY_MS",
+    "HOUR_MS",
+    "MINUTE_MS",
+    "NO_KEY",
+    "CommitReport",
+    "Key",
+    "Reader",
+    "Rollup",
+    "Store",
+    "StoreStats",
+    "SyncState",
+    "pack_values",
+    "unpack_values",
+)
 
 log = logging.getLogger(__name__)
 
-MINUTE_MS = 60_000
-HOUR_MS = 3_600_000
-DAY_MS = 86_400_000
-_MISSING = predictor_ext.MISSING
-_MISSING_BITS = predictor_ext.MISSING_BITS
 
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -74,6 +92,17 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sync_state (
+    dev INTEGER PRIMARY KEY,
+    state BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS losses (
+    dev INTEGER NOT NULL,
+    day_ms INTEGER NOT NULL,
+    evicted INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (dev, day_ms)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
     ts_ms INTEGER NOT NULL,
@@ -83,37 +112,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     payload BLOB NOT NULL
 );
 """
-
-
-def pack_values(values: Sequence[float | None]) -> bytes:
-    """A frame's values, packed losslessly (small decimals, float32 or float64)."""
-    try:
-        raw = array("d", cast("Sequence[float]", values))
-    except TypeError:
-        raw = array("d", [_MISSING if v is None else v for v in values])
-    return predictor_ext.pack_values(raw)
-
-
-def unpack_values(blob: bytes) -> tuple[float | None, ...]:
-    return _with_none(predictor_ext.unpack_values(blob))
-
-
-def _with_none(vals: array[float]) -> tuple[float | None, ...]:
-    if not any(v != v for v in vals):  # noqa: PLR0124 - NaN test, the fast common case
-        return tuple(vals)
-    words = array("Q", vals.tobytes())
-    return tuple(None if w == _MISSING_BITS else v for v, w in zip(vals, words, strict=True))
-
-
-@dataclass(frozen=True)
-class Rollup:
-    """Per-field statistics of one bucket; None where a field had no finite value."""
-
-    bucket_ms: int
-    count: tuple[int, ...]
-    min: tuple[float | None, ...]
-    avg: tuple[float | None, ...]
-    max: tuple[float | None, ...]
 
 
 @dataclass(frozen=True)
@@ -145,51 +143,6 @@ class _Bucket:
     rows: list[Sequence[float | None]] = field(default_factory=list)
 
 
-def _stats_blob(rows: Sequence[Sequence[float | None]], nf: int) -> bytes:
-    """count, min, avg, max per field (float64 each) over the finite values of rows."""
-    out = array("d")
-    for col in zip(*rows, strict=True) if rows else [() for _ in range(nf)]:
-        good = [v for v in col if v is not None and math.isfinite(v)]
-        if good:
-            out.extend((len(good), min(good), sum(good) / len(good), max(good)))
-        else:
-            out.extend((0, _MISSING, _MISSING, _MISSING))
-    return out.tobytes()
-
-
-def _merge_blobs(blobs: Sequence[bytes], nf: int) -> bytes:
-    """Combine per-minute stats into one coarser bucket."""
-    out = array("d")
-    parts = [array("d", b) for b in blobs]
-    for j in range(nf):
-        n = 0.0
-        total = 0.0
-        lo = math.inf
-        hi = -math.inf
-        for p in parts:
-            c = p[4 * j]
-            if c > 0:
-                n += c
-                total += p[4 * j + 2] * c
-                lo = min(lo, p[4 * j + 1])
-                hi = max(hi, p[4 * j + 3])
-        out.extend((n, lo, total / n, hi) if n else (0, _MISSING, _MISSING, _MISSING))
-    return out.tobytes()
-
-
-def _rollup_from_blob(bucket_ms: int, blob: bytes) -> Rollup:
-    a = array("d", blob)
-    vals = _with_none(a)
-    nf = len(a) // 4
-    return Rollup(
-        bucket_ms,
-        tuple(int(a[4 * j]) for j in range(nf)),
-        tuple(vals[4 * j + 1] for j in range(nf)),
-        tuple(vals[4 * j + 2] for j in range(nf)),
-        tuple(vals[4 * j + 3] for j in range(nf)),
-    )
-
-
 class Store:
     """Owns the database: the only writer. Create with ``await Store.open(...)``."""
 
@@ -215,6 +168,14 @@ class Store:
         self._schema_by_id: dict[int, DeviceSchema] = {}
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._dead: list[tuple[int, str, str, str, bytes]] = []
+        self.sync: dict[str, SyncState] = {}
+        """Per device, what the hub holds (the uploader's view, written by this writer)."""
+        self._sync_dirty: set[str] = set()
+        self._rejected: dict[tuple[str, int], int] = {}
+        self.batch_id_floor = 0
+        """The highest upload batch id used so far (persisted: ids are never reused)."""
+        self._batch_id_dirty = False
+        self._sub: Subscription | None = None
         self._last_commit = 0.0
         self.on_commit: list[Callable[[CommitReport], None]] = []
 
@@ -260,8 +221,15 @@ class Store:
             async for sid, dev, digest, body in cur:
                 self._schemas[(dev, bytes(digest))] = sid
                 self._schema_by_id[sid] = msgspec.json.decode(body, type=DeviceSchema)
+        by_dev = {dev: device_id for device_id, dev in self._devs.items()}
+        async with self._db.execute("SELECT dev, state FROM sync_state") as cur:
+            async for dev, blob in cur:
+                if dev in by_dev:
+                    self.sync[by_dev[dev]] = _unpack_sync(blob)
         async with self._db.execute("SELECT name, value FROM counters") as cur:
             async for name, value in cur:
+                if name == "sync_batch_id":
+                    self.batch_id_floor = value
                 if hasattr(self.stats, name):
                     setattr(self.stats, name, value)
         await self._rebuild_open_rollups()
@@ -277,6 +245,7 @@ class Store:
         """The writer loop: at most one commit per commit interval, until cancelled; what
         was received before cancellation is committed first."""
         next_maintenance = time.monotonic() + maintenance_every_s
+        self._sub = sub
         pending: list[Reading] = []
         inflight: asyncio.Future[CommitReport] | None = None
         try:
@@ -286,7 +255,7 @@ class Store:
                 if wait > 0:
                     await asyncio.sleep(wait)
                 pending += await sub.get_batch(1_000_000, timeout=0)
-                if pending or self._dead:
+                if pending or self._dead or self._sync_dirty or self._rejected:
                     # A cancellation must not cut a commit in half: let it finish.
                     inflight = asyncio.ensure_future(self.write(pending))
                     await asyncio.shield(inflight)
@@ -300,7 +269,7 @@ class Store:
                 await inflight
                 pending = []
             pending += await sub.get_batch(1_000_000, timeout=0)
-            if pending or self._dead:
+            if pending or self._dead or self._sync_dirty or self._rejected:
                 await self.write(pending)
             raise
 
@@ -334,6 +303,9 @@ class Store:
             s[2] += 1
             self._add_to_bucket(dev, sid, f, finished)
         dead, self._dead = self._dead, []
+        sync_rows = [(self._dev_of(d), _pack_sync(self.sync[d])) for d in sorted(self._sync_dirty)]
+        self._sync_dirty.clear()
+        rejected, self._rejected = self._rejected, {}
         hour_keys = {(b.dev, b.bucket_ms // HOUR_MS * HOUR_MS) for b in finished}
 
         async with self._transaction() as db:
@@ -356,6 +328,18 @@ class Store:
                 dead,
             )
             await _bump(db, "dead_letters", len(dead))
+            await db.executemany("INSERT OR REPLACE INTO sync_state VALUES (?, ?)", sync_rows)
+            if self._batch_id_dirty:
+                self._batch_id_dirty = False
+                await db.execute(
+                    "INSERT OR REPLACE INTO counters VALUES ('sync_batch_id', ?)",
+                    (self.batch_id_floor,),
+                )
+            await db.executemany(
+                "INSERT INTO losses (dev, day_ms, rejected) VALUES (?, ?, ?) ON CONFLICT"
+                " DO UPDATE SET rejected = rejected + excluded.rejected",
+                [(self._dev_of(d), day, n) for (d, day), n in rejected.items()],
+            )
         self._last_commit = time.monotonic()
         self.stats.size_bytes = await self._size()
         self.stats.committed_frames += len(rows)
@@ -368,7 +352,7 @@ class Store:
         return report
 
     def _blob(self, b: _Bucket) -> bytes:
-        return _stats_blob(b.rows, len(self._schema_by_id[b.schema_id].fields))
+        return stats_blob(b.rows, len(self._schema_by_id[b.schema_id].fields))
 
     def _add_to_bucket(self, dev: int, sid: int, f: Frame, finished: list[_Bucket]) -> None:
         start = f.ts_ms // MINUTE_MS * MINUTE_MS
@@ -431,23 +415,57 @@ class Store:
         self.stats.size_bytes = size
 
     async def _evict_oldest(self, n: int) -> int:
+        """Delete about n of the oldest frames: synced ones first, then the oldest of the
+        rest, counting every unsynced one per device and day (the hub is told of them)."""
         total = 0
         async with self._transaction() as db:
-            for synced, counter in ((1, "evicted_synced"), (0, "evicted_unsynced")):
-                left = n - total
-                if left <= 0:
-                    break
+            for device_id, st in self.sync.items():
+                if total >= n or st.acked == NO_KEY:
+                    continue
                 cur = await db.execute(
                     "DELETE FROM frames WHERE (dev, ts_ms, seq) IN (SELECT dev, ts_ms, seq"
-                    " FROM frames WHERE synced = ? ORDER BY ts_ms LIMIT ?)",
-                    (synced, left),
+                    " FROM frames WHERE dev = ? AND (ts_ms, seq) <= (?, ?) ORDER BY ts_ms"
+                    " LIMIT ?)",
+                    (self._devs[device_id], *st.acked, n - total),
                 )
-                got = cur.rowcount
-                await _bump(db, counter, got)
-                setattr(self.stats, counter, getattr(self.stats, counter) + got)
-                total += got
+                total += cur.rowcount
+            synced = total
+            await _bump(db, "evicted_synced", synced)
+            unsynced = 0
+            if total < n:
+                by_dev = {dev: device_id for device_id, dev in self._devs.items()}
+                async with db.execute(
+                    "SELECT dev, ts_ms, seq FROM frames ORDER BY ts_ms LIMIT ?", (n - total,)
+                ) as cur:
+                    victims = list(await cur.fetchall())
+                lost: dict[tuple[int, int], int] = {}
+                for dev, ts, seq in victims:
+                    state = self.sync.get(by_dev.get(dev, ""))
+                    if state is not None and state.synced((ts, seq)):
+                        synced += 1
+                    else:
+                        k = (dev, ts // DAY_MS * DAY_MS)
+                        lost[k] = lost.get(k, 0) + 1
+                        unsynced += 1
+                await db.executemany(
+                    "DELETE FROM frames WHERE dev = ? AND ts_ms = ? AND seq = ?", victims
+                )
+                await db.executemany(
+                    "INSERT INTO losses (dev, day_ms, evicted) VALUES (?, ?, ?) ON CONFLICT"
+                    " DO UPDATE SET evicted = evicted + excluded.evicted",
+                    [(dev, day, k) for (dev, day), k in lost.items()],
+                )
+                await _bump(db, "evicted_synced", synced - total)
+                await _bump(db, "evicted_unsynced", unsynced)
+                total += len(victims)
+        self.stats.evicted_synced += synced
+        self.stats.evicted_unsynced += unsynced
         if total:
-            log.warning("store over its size cap: evicted %d oldest frames", total)
+            log.warning(
+                "store over its size cap: evicted %d oldest frames (%d not yet uploaded)",
+                total,
+                unsynced,
+            )
         return total
 
     @contextlib.asynccontextmanager
@@ -473,20 +491,41 @@ class Store:
         for sid, blob in rows:
             by_schema.setdefault(sid, []).append(blob)
         for sid, blobs in by_schema.items():
-            merged = _merge_blobs(blobs, len(self._schema_by_id[sid].fields))
+            merged = merge_blobs(blobs, len(self._schema_by_id[sid].fields))
             await self._db.execute(
                 "INSERT OR REPLACE INTO rollups VALUES (?, ?, ?, ?, ?)",
                 (dev, HOUR_MS, hour_ms, sid, merged),
             )
 
-    async def mark_synced(self, device_id: str, upto_seq: int) -> None:
+    def _dev_of(self, device_id: str) -> int:
         dev = self._devs.get(device_id)
         if dev is None:
-            return
-        await self._db.execute(
-            "UPDATE frames SET synced = 1 WHERE dev = ? AND seq <= ? AND synced = 0",
-            (dev, upto_seq),
-        )
+            raise KeyError(f"unknown device {device_id!r}")
+        return dev
+
+    def set_sync(self, device_id: str, state: SyncState) -> None:
+        """Record what the hub holds of a device; written (and durable) with the next commit,
+        which this call brings forward."""
+        self._dev_of(device_id)
+        self.sync[device_id] = state
+        self._sync_dirty.add(device_id)
+        self._wake()
+
+    def add_rejected(self, device_id: str, day_ms: int, frames: int) -> None:
+        """Count frames the hub refused for good (their batch is kept as a dead letter)."""
+        key = (device_id, day_ms // DAY_MS * DAY_MS)
+        self._rejected[key] = self._rejected.get(key, 0) + frames
+        self._wake()
+
+    def note_batch_id(self, batch_id: int) -> None:
+        """An upload batch id in use: persisted with the next commit (ids never repeat)."""
+        if batch_id > self.batch_id_floor:
+            self.batch_id_floor = batch_id
+            self._batch_id_dirty = True
+
+    def _wake(self) -> None:
+        if self._sub is not None:
+            self._sub.wake()
 
     # ------------------------------------------------------------------ reading
 
@@ -502,6 +541,15 @@ class Store:
             if row is not None and row[0] is not None:
                 out[device_id] = int(row[0])
         return out
+
+
+def _pack_sync(st: SyncState) -> bytes:
+    return array("q", [*st.acked, *st.live_from, *st.live_acked]).tobytes()
+
+
+def _unpack_sync(blob: bytes) -> SyncState:
+    a = array("q", blob)
+    return SyncState((a[0], a[1]), (a[2], a[3]), (a[4], a[5]))
 
 
 async def _bump(db: aiosqlite.Connection, name: str, n: int) -> None:
@@ -563,7 +611,56 @@ class Reader:
                 " AND r.bucket_ms < ? ORDER BY r.bucket_ms",
                 (device_id, res_ms, lo, hi),
             ).fetchall()
-        return [(_rollup_from_blob(b, blob), schemas[sid][1]) for b, sid, blob in rows]
+        return [(rollup_from_blob(b, blob), schemas[sid][1]) for b, sid, blob in rows]
+
+    def frames_after(
+        self, device_id: str, after: Key, upto: Key | None, limit: int
+    ) -> list[tuple[Frame, DeviceSchema]]:
+        """Up to ``limit`` frames of a device with after < (ts_ms, seq) <= upto, in that order."""
+        schemas = self.schemas()
+        hi = upto if upto is not None else (2**62, 2**62)
+        with contextlib.closing(self._connect()) as conn:
+            rows = conn.execute(
+                "SELECT f.ts_ms, f.seq, f.schema_id, f.vals FROM frames f JOIN devices d"
+                " ON d.dev = f.dev WHERE d.device_id = ? AND (f.ts_ms, f.seq) > (?, ?)"
+                " AND (f.ts_ms, f.seq) <= (?, ?) ORDER BY f.ts_ms, f.seq LIMIT ?",
+                (device_id, *after, *hi, limit),
+            ).fetchall()
+        return [
+            (Frame(device_id, t, q, unpack_values(v)), schemas[sid][1]) for t, q, sid, v in rows
+        ]
+
+    def count_after(
+        self, device_id: str, after: Key, upto: Key | None = None
+    ) -> tuple[int, int | None]:
+        """(frames, oldest ts) of a device with after < (ts_ms, seq) <= upto."""
+        hi = upto if upto is not None else (2**62, 2**62)
+        with contextlib.closing(self._connect()) as conn:
+            row = conn.execute(
+                "SELECT count(*), min(f.ts_ms) FROM frames f JOIN devices d ON d.dev = f.dev"
+                " WHERE d.device_id = ? AND (f.ts_ms, f.seq) > (?, ?)"
+                " AND (f.ts_ms, f.seq) <= (?, ?)",
+                (device_id, *after, *hi),
+            ).fetchone()
+        return (int(row[0]), row[1]) if row else (0, None)
+
+    def newest_key(self, device_id: str) -> Key | None:
+        with contextlib.closing(self._connect()) as conn:
+            row = conn.execute(
+                "SELECT f.ts_ms, f.seq FROM frames f JOIN devices d ON d.dev = f.dev"
+                " WHERE d.device_id = ? ORDER BY f.ts_ms DESC, f.seq DESC LIMIT 1",
+                (device_id,),
+            ).fetchone()
+        return (int(row[0]), int(row[1])) if row else None
+
+    def losses(self) -> list[tuple[str, int, int, int]]:
+        """(device id, day, evicted, rejected) running totals."""
+        with contextlib.closing(self._connect()) as conn:
+            rows = conn.execute(
+                "SELECT d.device_id, l.day_ms, l.evicted, l.rejected FROM losses l"
+                " JOIN devices d ON d.dev = l.dev ORDER BY l.day_ms, d.device_id"
+            ).fetchall()
+        return [(a, b, c, e) for a, b, c, e in rows]
 
     def counters(self) -> dict[str, int]:
         with contextlib.closing(self._connect()) as conn:

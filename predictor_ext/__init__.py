@@ -25,10 +25,12 @@ __all__ = (
     "RESIDUAL_SPECIAL",
     "TREND",
     "CodecError",
+    "bucket_stats",
     "compiled",
     "decode_block",
     "encode_block",
     "implementation",
+    "new_state",
     "pack_values",
     "pure",
     "unpack_values",
@@ -65,7 +67,9 @@ TREND = implementation.TREND
 MISSING = implementation.MISSING
 MISSING_BITS = implementation.MISSING_BITS
 RESIDUAL_SPECIAL = implementation.RESIDUAL_SPECIAL
+new_state = implementation.new_state
 encode_block = implementation.encode_block
 decode_block = implementation.decode_block
+bucket_stats = implementation.bucket_stats
 pack_values = implementation.pack_values
 unpack_values = implementation.unpack_values

@@ -10,6 +10,7 @@ cdef long long _L_MAX
 cdef long long _T_MAX
 cdef long long _Q_MAX
 cdef long long _I_MAX
+cdef double _DBL_MAX
 cdef unsigned int _TOP
 cdef unsigned long long _U32
 cdef unsigned long long _LOW_CARRY
@@ -26,6 +27,22 @@ cdef Py_ssize_t _C_SPEC
 cdef Py_ssize_t _C_KIND
 cdef Py_ssize_t _N_CTX
 cdef int _K_MAX
+cdef long long _ST_MAGIC
+cdef Py_ssize_t _H_MAGIC
+cdef Py_ssize_t _H_NF
+cdef Py_ssize_t _H_WARM
+cdef Py_ssize_t _H_TS
+cdef Py_ssize_t _H_SEQ
+cdef Py_ssize_t _ST_HEAD
+cdef Py_ssize_t _R_ZRUN
+cdef Py_ssize_t _R_LASTK
+cdef Py_ssize_t _R_LASTNEG
+cdef Py_ssize_t _R_LASTSPEC
+cdef Py_ssize_t _R_HAVE
+cdef Py_ssize_t _R_S
+cdef Py_ssize_t _R_T
+cdef Py_ssize_t _R_PROBS
+cdef Py_ssize_t _REC
 cdef int _SPEC_NAN
 cdef int _SPEC_MISSING
 cdef int _SPEC_POS_INF
@@ -60,16 +77,16 @@ cdef inline unsigned int _adapt(unsigned int s, int b) noexcept
 
 
 cdef class _Model:
-    cdef bytearray probs_arr
     cdef unsigned int[:] probs
     cdef int zrun
     cdef int lastk
     cdef int lastneg
     cdef int lastspec
 
-    @cython.locals(i=Py_ssize_t)
     @cython.final
-    cdef void reset_model(self) noexcept
+    cdef int load_model(self, long long[:] w, unsigned int[:] u, Py_ssize_t rec) except -1
+    @cython.final
+    cdef void save_model(self, long long[:] w, Py_ssize_t rec) noexcept
     @cython.locals(lk=int)
     @cython.final
     cdef inline Py_ssize_t zero_ctx(self) noexcept
@@ -145,34 +162,63 @@ cdef class Decoder(_Model):
 cdef void _encode_column(Encoder enc, const double[:] xs, const unsigned long long[:] xbits,
                          Py_ssize_t off, Py_ssize_t n, double tol, int kind, long long alpha,
                          long long beta, double[:] recon, unsigned long long[:] rbits,
-                         long long[:] qout, int want_q) except *
+                         long long[:] qout, int want_q, long long[:] w, unsigned int[:] u,
+                         Py_ssize_t rec) except *
 
 @cython.locals(j=Py_ssize_t)
 cdef void _encode_columns(Encoder enc, const double[:] xs, const unsigned long long[:] xbits,
                           Py_ssize_t n, double[:] tols, long long[:] kinds, long long[:] alphas,
                           long long[:] betas, double[:] recon, unsigned long long[:] rbits,
-                          long long[:] qout, int want_q) except *
+                          long long[:] qout, int want_q, long long[:] w,
+                          unsigned int[:] u) except *
 
 @cython.locals(i=Py_ssize_t, step=double, trend=int, specials=int, have=int, s="long long",
                t="long long", p="long long", q="long long", r="long long", lv="long long",
                sk=int)
 cdef void _decode_column(Decoder dec, double[:] out, unsigned long long[:] obits, Py_ssize_t off,
                          Py_ssize_t n, double tol, int kind, long long alpha,
-                         long long beta) except *
+                         long long beta, long long[:] w, unsigned int[:] u,
+                         Py_ssize_t rec) except *
 
 @cython.locals(j=Py_ssize_t)
 cdef void _decode_columns(Decoder dec, double[:] out, unsigned long long[:] obits, Py_ssize_t n,
                           double[:] tols, long long[:] kinds, long long[:] alphas,
-                          long long[:] betas) except *
+                          long long[:] betas, long long[:] w, unsigned int[:] u) except *
 
-@cython.locals(i=Py_ssize_t, prev="long long", pd="long long", v="long long", dl="long long")
-cdef void _encode_ints(Encoder enc, const long long[:] vs, Py_ssize_t n, long long first,
-                       int ddelta) except *
+@cython.locals(i=Py_ssize_t, start=Py_ssize_t, prev="long long", pd="long long", v="long long",
+               dl="long long")
+cdef void _encode_ints(Encoder enc, const long long[:] vs, Py_ssize_t n, long long[:] w,
+                       unsigned int[:] u, Py_ssize_t hv, Py_ssize_t rec, int ddelta) except *
 
-@cython.locals(i=Py_ssize_t, prev="long long", pd="long long", v="long long", dl="long long",
-               q="long long")
+@cython.locals(i=Py_ssize_t, start=Py_ssize_t, prev="long long", pd="long long", v="long long",
+               dl="long long", q="long long")
 cdef void _decode_ints(Decoder dec, long long[:] out, Py_ssize_t n, long long first,
+                       long long[:] w, unsigned int[:] u, Py_ssize_t hv, Py_ssize_t rec,
                        int ddelta) except *
+
+@cython.locals(c=Py_ssize_t, rec=Py_ssize_t, hv=Py_ssize_t, base=Py_ssize_t, i=Py_ssize_t,
+               st=cython.uint)
+cdef int _state_ok(const long long[:] w, const unsigned int[:] u, Py_ssize_t ncol) except -1
+
+
+@cython.locals(ordered=int, last="long long", i=Py_ssize_t, t="long long", k="long long")
+cdef Py_ssize_t _bucket_keys(const long long[:] ts, Py_ssize_t n, long long b,
+                             long long[:] keys) noexcept
+
+@cython.locals(nb=Py_ssize_t, i=Py_ssize_t)
+cdef Py_ssize_t _run_ids(const long long[:] keys, Py_ssize_t n, long long[:] ids) noexcept
+
+@cython.locals(i=Py_ssize_t)
+cdef void _put_starts(const long long[:] keys, const long long[:] ids, Py_ssize_t n,
+                      long long[:] starts) noexcept
+
+@cython.locals(i=Py_ssize_t, k="long long", lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t)
+cdef void _find_ids(const long long[:] keys, Py_ssize_t n, const long long[:] starts,
+                    Py_ssize_t nb, long long[:] ids) noexcept
+
+@cython.locals(j=Py_ssize_t, base=Py_ssize_t, i=Py_ssize_t, x=double, o=Py_ssize_t, c=double)
+cdef void _accumulate(const double[:] xs, const long long[:] ids, Py_ssize_t n, Py_ssize_t nf,
+                      double[:] out, unsigned long long[:] obits) noexcept
 
 
 cdef int _PACK_HEADER

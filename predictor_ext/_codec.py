@@ -8,6 +8,13 @@ so neither implementation nor any C compiler (FMA contraction included) can chan
 
 Layout of one coded block (one device's frames), all inside one range-coder stream:
 timestamps (delta of delta), sequence numbers (delta minus one), then each field's column.
+
+A block either starts cold (a keyframe: fresh context models, no prediction, the first
+timestamp and sequence number sent outside the block) or continues from a state (new_state)
+that the previous block left: every column's context model and predictor carry over, and
+once the state has seen a row, row 0's timestamp and sequence number are coded in-stream like
+any later row. Live uploads send a few rows every few seconds; restarting the models for each
+costs several times the bits.
 """
 
 import struct
@@ -28,6 +35,7 @@ _L_MAX = 1 << 47  # clamp for level and prediction
 _T_MAX = 1 << 46  # clamp for the trend
 _Q_MAX = 1 << 36  # no residual of a valid stream reaches this
 _I_MAX = 1 << 59  # timestamps and sequence numbers stay below this in magnitude
+_DBL_MAX = 1.7976931348623157e308  # abs(x) <= _DBL_MAX: x is finite
 ALPHA_ONE = 1 << 12  # smoothing factors are integers n / ALPHA_ONE
 
 LEVEL = 0
@@ -54,6 +62,26 @@ _C_SPEC = 221  # 2: special value flag, by previous special
 _C_KIND = 223  # 4: which special
 _N_CTX = 227
 _K_MAX = 63  # bit length of the largest magnitude (|q| < 2**63)
+
+# The state a block continues from (new_state). It lives only in memory, never on the wire or
+# on disk, so it is int64 words in native byte order: a header, then one record per column
+# (timestamps, sequence numbers, then each field in order).
+_ST_MAGIC = 0x6772_6964_7374_0001  # "gridst", layout 1
+_H_MAGIC = 0
+_H_NF = 1
+_H_WARM = 2  # 1 once the state has seen a row: row 0's timestamp and seq are then in-stream
+_H_TS = 3  # last timestamp, last timestamp delta
+_H_SEQ = 5  # last sequence number, 0
+_ST_HEAD = 8
+_R_ZRUN = 0  # the context model's scalars
+_R_LASTK = 1
+_R_LASTNEG = 2
+_R_LASTSPEC = 3
+_R_HAVE = 4  # the predictor holds a value (a column of only special values has none yet)
+_R_S = 5  # level, fixed point
+_R_T = 6  # trend, fixed point
+_R_PROBS = 8  # from this word on, the _N_CTX context states as uint32
+_REC = _R_PROBS + (_N_CTX + 1) // 2
 
 # Special values, coded only in columns that hold any.
 _SPEC_NAN = 0
@@ -139,24 +167,33 @@ def _adapt(s, b):
 
 
 class _Model:
-    """The adaptive context model of one column, the same on both sides of the coder."""
+    """The adaptive context model of one column, the same on both sides of the coder. It works
+    in place on the column's record of a state (load_model), so a block's models are the ones
+    the state holds and, stored back (save_model), the ones the next block starts from."""
 
     def __init__(self):
-        self.probs_arr = bytearray(4 * _N_CTX)
-        self.probs = memoryview(self.probs_arr).cast("I")
+        cold = memoryview(bytearray(_COLD_REC)).cast("I")
+        self.probs = cold[2 * _R_PROBS : 2 * _R_PROBS + _N_CTX]
         self.zrun = 0
         self.lastk = 0
         self.lastneg = 0
         self.lastspec = 0
-        self.reset_model()
 
-    def reset_model(self):
-        for i in range(_N_CTX):
-            self.probs[i] = _PROB_INIT
-        self.zrun = 0
-        self.lastk = 0
-        self.lastneg = 0
-        self.lastspec = 0
+    def load_model(self, w, u, rec):
+        """Code with the model of the state record at int64 word rec (w, u: the state as int64
+        and as uint32 words); the context probabilities are used where they lie."""
+        self.probs = u[2 * (rec + _R_PROBS) : 2 * (rec + _R_PROBS) + _N_CTX]
+        self.zrun = w[rec + _R_ZRUN]
+        self.lastk = w[rec + _R_LASTK]
+        self.lastneg = w[rec + _R_LASTNEG]
+        self.lastspec = w[rec + _R_LASTSPEC]
+        return 0
+
+    def save_model(self, w, rec):
+        w[rec + _R_ZRUN] = self.zrun
+        w[rec + _R_LASTK] = self.lastk
+        w[rec + _R_LASTNEG] = self.lastneg
+        w[rec + _R_LASTSPEC] = self.lastspec
 
     def zero_ctx(self):
         """Context of the zero flag: the zero run so far and the last bit length."""
@@ -439,11 +476,14 @@ def _special_bits(kind, raw):
     return raw
 
 
-def _encode_column(enc, xs, xbits, off, n, tol, kind, alpha, beta, recon, rbits, qout, want_q):
+def _encode_column(
+    enc, xs, xbits, off, n, tol, kind, alpha, beta, recon, rbits, qout, want_q, w, u, rec
+):
     """Code the n values of one field at xs[off:off + n]; recon receives at the same places
     what the decoder will reconstruct and, when want_q, qout the quantised residuals
     (RESIDUAL_SPECIAL + kind for special values). xbits and rbits are views of xs and recon
-    as 64-bit words, for special values."""
+    as 64-bit words, for special values. The model and predictor start from, and are left
+    in, the state record at word rec of w (u: the same state as uint32 words)."""
     step = tol * _STEP_SCALE
     trend = 1 if kind == TREND else 0
     specials = 0
@@ -451,11 +491,11 @@ def _encode_column(enc, xs, xbits, off, n, tol, kind, alpha, beta, recon, rbits,
         if not (abs(xs[i] / step) < _D_MAX):  # NaN fails every comparison
             specials = 1
             break
-    enc.reset_model()
+    enc.load_model(w, u, rec)
     enc.bypass(specials, 1)
-    have = 0
-    s = 0  # level (fixed point)
-    t = 0  # trend (fixed point), TREND only
+    have = w[rec + _R_HAVE]
+    s = w[rec + _R_S]  # level (fixed point)
+    t = w[rec + _R_T]  # trend (fixed point), TREND only
     for i in range(off, off + n):
         if enc.pos + 256 > enc.cap:
             enc.reserve(256)
@@ -508,16 +548,20 @@ def _encode_column(enc, xs, xbits, off, n, tol, kind, alpha, beta, recon, rbits,
             s = lv
         else:
             s = s + (((r - s) * alpha) >> _SCALE_BITS)
+    w[rec + _R_HAVE] = have
+    w[rec + _R_S] = s
+    w[rec + _R_T] = t
+    enc.save_model(w, rec)
 
 
-def _decode_column(dec, out, obits, off, n, tol, kind, alpha, beta):
+def _decode_column(dec, out, obits, off, n, tol, kind, alpha, beta, w, u, rec):
     step = tol * _STEP_SCALE
     trend = 1 if kind == TREND else 0
-    dec.reset_model()
+    dec.load_model(w, u, rec)
     specials = dec.bypass(1)
-    have = 0
-    s = 0
-    t = 0
+    have = w[rec + _R_HAVE]
+    s = w[rec + _R_S]
+    t = w[rec + _R_T]
     for i in range(off, off + n):
         if specials and dec.special_flag():
             sk = dec.get_special()
@@ -552,14 +596,25 @@ def _decode_column(dec, out, obits, off, n, tol, kind, alpha, beta):
             s = s + (((r - s) * alpha) >> _SCALE_BITS)
         if dec.overrun > 4:
             raise CodecError("coded block is truncated")
+    w[rec + _R_HAVE] = have
+    w[rec + _R_S] = s
+    w[rec + _R_T] = t
+    dec.save_model(w, rec)
 
 
-def _encode_ints(enc, vs, n, first, ddelta):
-    """Code an int64 series after its first value: deltas, or deltas of deltas."""
-    enc.reset_model()
-    prev = first
-    pd = 0
-    for i in range(1, n):
+def _encode_ints(enc, vs, n, w, u, hv, rec, ddelta):
+    """Code an int64 series as deltas minus one, or deltas of deltas, against the last value
+    and delta that the state's header holds at words hv and hv + 1; a cold state sends the
+    first value outside the block. Leaves the last value and delta there."""
+    enc.load_model(w, u, rec)
+    prev = w[hv]
+    pd = w[hv + 1]
+    start = 0
+    if not w[_H_WARM]:
+        prev = vs[0]
+        pd = 0
+        start = 1
+    for i in range(start, n):
         if enc.pos + 256 > enc.cap:
             enc.reserve(256)
         v = vs[i]
@@ -572,14 +627,22 @@ def _encode_ints(enc, vs, n, first, ddelta):
         else:
             enc.put_int(dl - 1)
         prev = v
+    w[hv] = prev
+    w[hv + 1] = pd
+    enc.save_model(w, rec)
 
 
-def _decode_ints(dec, out, n, first, ddelta):
-    dec.reset_model()
-    out[0] = first
-    prev = first
-    pd = 0
-    for i in range(1, n):
+def _decode_ints(dec, out, n, first, w, u, hv, rec, ddelta):
+    dec.load_model(w, u, rec)
+    prev = w[hv]
+    pd = w[hv + 1]
+    start = 0
+    if not w[_H_WARM]:
+        out[0] = first
+        prev = first
+        pd = 0
+        start = 1
+    for i in range(start, n):
         q = dec.get_int()
         if q >= 4 * _I_MAX or q <= -4 * _I_MAX:
             raise CodecError("timestamp or sequence number out of range")
@@ -597,6 +660,9 @@ def _decode_ints(dec, out, n, first, ddelta):
         prev = v
         if dec.overrun > 4:
             raise CodecError("coded block is truncated")
+    w[hv] = prev
+    w[hv + 1] = pd
+    dec.save_model(w, rec)
 
 
 def check_params(tols, kinds, alphas, betas):
@@ -620,24 +686,106 @@ def _check_len(name, buf, n):
         raise ValueError("%s holds %d values, expected %d" % (name, len(buf), n))
 
 
-def encode_block(ts, seqs, values, tols, kinds, alphas, betas, recon=None, residuals=None):
+def _cold_record():
+    rec = bytearray(8 * _REC)
+    u = memoryview(rec).cast("I")
+    for i in range(_N_CTX):
+        u[2 * _R_PROBS + i] = _PROB_INIT
+    return bytes(rec)
+
+
+_COLD_REC = _cold_record()
+
+
+def new_state(nf):
+    """A cold state for a device with nf fields: the next block coded or decoded with it is a
+    keyframe, and leaves in it what the block after continues from."""
+    if nf < 0:
+        raise ValueError("a state needs a field count >= 0, not %d" % nf)
+    st = bytearray(8 * _ST_HEAD) + _COLD_REC * (nf + 2)
+    w = memoryview(st).cast("q")
+    w[_H_MAGIC] = _ST_MAGIC
+    w[_H_NF] = nf
+    w.release()
+    return st
+
+
+def _take_state(state, nf):
+    """A working copy of the caller's state for nf fields (a cold one for None), so that the
+    caller's is written only when a whole block has succeeded."""
+    if state is None:
+        return new_state(nf)
+    if not isinstance(state, bytearray):
+        raise TypeError("state must be a bytearray made by new_state")
+    size = 8 * (_ST_HEAD + (nf + 2) * _REC)
+    if len(state) != size:
+        if len(state) > 8 * _ST_HEAD and (len(state) // 8 - _ST_HEAD) % _REC == 0:
+            raise ValueError(
+                "state is for %d fields, not %d" % ((len(state) // 8 - _ST_HEAD) // _REC - 2, nf)
+            )
+        raise ValueError("state of %d bytes is not one made by new_state" % len(state))
+    work = bytearray(state)
+    w = memoryview(work).cast("q")
+    if w[_H_MAGIC] != _ST_MAGIC or w[_H_NF] != nf:
+        raise ValueError("state is not one made by new_state(%d)" % nf)
+    if not _state_ok(w, memoryview(work).cast("I"), nf + 2):
+        raise ValueError("state is corrupt")
+    w.release()
+    return work
+
+
+def _state_ok(w, u, ncol):
+    """Whether every word of a state is one coding can leave: the compiled coder indexes its
+    contexts with these values unchecked, and a zero probability would never renormalise."""
+    if w[_H_WARM] != 0 and w[_H_WARM] != 1:
+        return 0
+    for hv in (_H_TS, _H_SEQ):
+        if not (-_I_MAX < w[hv] < _I_MAX and -2 * _I_MAX < w[hv + 1] < 2 * _I_MAX):
+            return 0
+    for c in range(ncol):
+        rec = _ST_HEAD + c * _REC
+        if not (0 <= w[rec + _R_ZRUN] <= 2 and 0 <= w[rec + _R_LASTK] <= _K_MAX):
+            return 0
+        if not (0 <= w[rec + _R_LASTNEG] <= 1 and 0 <= w[rec + _R_LASTSPEC] <= 1):
+            return 0
+        if not (0 <= w[rec + _R_HAVE] <= 1):
+            return 0
+        if not (-_L_MAX <= w[rec + _R_S] <= _L_MAX and -_T_MAX <= w[rec + _R_T] <= _T_MAX):
+            return 0
+        base = 2 * (rec + _R_PROBS)
+        for i in range(base, base + _N_CTX):
+            st = u[i]
+            if (st & 0xFFFF) < _P_MIN or (st & 0xFFFF) > _P_MAX or (st >> 16) > _YOUNG:
+                return 0
+    return 1
+
+
+def encode_block(
+    ts, seqs, values, tols, kinds, alphas, betas, recon=None, residuals=None, state=None
+):
     """Code one device's n frames: ts and seqs are int64 buffers of n values, values a float64
     buffer of nf * n values, column-major (field j at [j * n, (j + 1) * n)), with a tolerance,
     model kind and smoothing pair per field. recon and residuals, when given, are float64 and
     int64 buffers of nf * n that receive the reconstructions and the quantised residuals.
-    Returns the coded bytes (the first timestamp and sequence number travel outside)."""
+    Returns the coded bytes; the first timestamp and sequence number travel outside unless a
+    warm state is given. state (new_state) is where the block starts from; on success it is
+    updated in place to where the next block continues."""
     n = len(ts)
     tol_a, kind_a, alpha_a, beta_a = check_params(tols, kinds, alphas, betas)
     nf = len(tol_a)
     _check_len("seqs", seqs, n)
     _check_len("values", values, nf * n)
+    work = _take_state(state, nf)
     if n and not (-_I_MAX < ts[0] < _I_MAX and -_I_MAX < seqs[0] < _I_MAX):
         raise ValueError("timestamp or sequence number out of range at row 0")
     enc = Encoder(n * nf // 2 + 64)
     if n == 0:
         return enc.finish()
-    _encode_ints(enc, ts, n, ts[0], 1)
-    _encode_ints(enc, seqs, n, seqs[0], 0)
+    w = memoryview(work).cast("q")
+    u = memoryview(work).cast("I")
+    _encode_ints(enc, ts, n, w, u, _H_TS, _ST_HEAD, 1)
+    _encode_ints(enc, seqs, n, w, u, _H_SEQ, _ST_HEAD + _REC, 0)
+    w[_H_WARM] = 1
     if recon is None:
         recon = array("d", bytes(8 * nf * n))
     _check_len("recon", recon, nf * n)
@@ -660,11 +808,18 @@ def encode_block(ts, seqs, values, tols, kinds, alphas, betas, recon=None, resid
         _words(recon),
         residuals,
         want_q,
+        w,
+        u,
     )
-    return enc.finish()
+    data = enc.finish()
+    if state is not None:
+        state[:] = work
+    return data
 
 
-def _encode_columns(enc, xs, xbits, n, tols, kinds, alphas, betas, recon, rbits, qout, want_q):
+def _encode_columns(
+    enc, xs, xbits, n, tols, kinds, alphas, betas, recon, rbits, qout, want_q, w, u
+):
     for j in range(len(tols)):
         _encode_column(
             enc,
@@ -680,37 +835,188 @@ def _encode_columns(enc, xs, xbits, n, tols, kinds, alphas, betas, recon, rbits,
             rbits,
             qout,
             want_q,
+            w,
+            u,
+            _ST_HEAD + (j + 2) * _REC,
         )
 
 
-def decode_block(data, n, first_ts, first_seq, tols, kinds, alphas, betas, ts, seqs, values):
+def decode_block(
+    data, n, first_ts, first_seq, tols, kinds, alphas, betas, ts, seqs, values, state=None
+):
     """Decode a block coded by encode_block into preallocated buffers: ts and seqs of n int64
-    values, values of nf * n float64 values (column-major, as encode_block takes them)."""
+    values, values of nf * n float64 values (column-major, as encode_block takes them). With a
+    warm state, first_ts and first_seq are ignored (they were coded in the block); on success
+    the state is updated in place, as encode_block updates the encoder's."""
     tol_a, kind_a, alpha_a, beta_a = check_params(tols, kinds, alphas, betas)
     nf = len(tol_a)
     _check_len("ts", ts, n)
     _check_len("seqs", seqs, n)
     _check_len("values", values, nf * n)
+    work = _take_state(state, nf)
     if n == 0:
         return
-    if not (-_I_MAX < first_ts < _I_MAX and -_I_MAX < first_seq < _I_MAX):
-        raise CodecError("first timestamp or sequence number out of range")
+    w = memoryview(work).cast("q")
+    u = memoryview(work).cast("I")
+    if not w[_H_WARM]:
+        if not (-_I_MAX < first_ts < _I_MAX and -_I_MAX < first_seq < _I_MAX):
+            raise CodecError("first timestamp or sequence number out of range")
+    else:  # coded in the block; whatever the caller passed is not even range-checked
+        first_ts = 0
+        first_seq = 0
     dec = Decoder(data, 0, len(data))
-    _decode_ints(dec, ts, n, first_ts, 1)
-    _decode_ints(dec, seqs, n, first_seq, 0)
-    _decode_columns(dec, values, _words(values), n, tol_a, kind_a, alpha_a, beta_a)
+    _decode_ints(dec, ts, n, first_ts, w, u, _H_TS, _ST_HEAD, 1)
+    _decode_ints(dec, seqs, n, first_seq, w, u, _H_SEQ, _ST_HEAD + _REC, 0)
+    w[_H_WARM] = 1
+    _decode_columns(dec, values, _words(values), n, tol_a, kind_a, alpha_a, beta_a, w, u)
     if dec.overrun or dec.pos != dec.end:
         raise CodecError("coded block length does not match its content")
+    if state is not None:
+        state[:] = work
 
 
-def _decode_columns(dec, out, obits, n, tols, kinds, alphas, betas):
+def _decode_columns(dec, out, obits, n, tols, kinds, alphas, betas, w, u):
     for j in range(len(tols)):
-        _decode_column(dec, out, obits, j * n, n, tols[j], kinds[j], alphas[j], betas[j])
+        _decode_column(
+            dec,
+            out,
+            obits,
+            j * n,
+            n,
+            tols[j],
+            kinds[j],
+            alphas[j],
+            betas[j],
+            w,
+            u,
+            _ST_HEAD + (j + 2) * _REC,
+        )
 
 
 def _words(buf):
     """The same float64 buffer seen as unsigned 64-bit words."""
     return memoryview(buf).cast("B").cast("Q")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollup statistics: count, min, avg, max per field and time bucket, over finite values. The
+# edge builds its rollups with this and the hub its own from decoded blocks, so both give the
+# same bits: the sum is plain left-to-right double addition in row order from 0.0 (as
+# CPython 3.11's sum), and min and max keep the first of equal values (0.0 and -0.0), as
+# Python's min and max do.
+
+
+def bucket_stats(ts, values, n, nf, bucket_ms):
+    """Group n rows by bucket start ts // bucket_ms * bucket_ms (floor division) and return
+    (starts, stats): the bucket starts ascending (array q) and, per bucket and per field in
+    order, count, min, avg, max of the field's finite values (array d, 4 * nf per bucket);
+    (0, MISSING, MISSING, MISSING) for a field with none. ts is an int64 buffer of n values
+    (|ts| < 2**59, any order), values a float64 buffer of nf * n values, column-major."""
+    if n < 0 or nf < 0:
+        raise ValueError("row and field counts must be >= 0")
+    _check_len("ts", ts, n)
+    _check_len("values", values, nf * n)
+    if not (1 <= bucket_ms <= 0x7FFF_FFFF_FFFF_FFFF):
+        raise ValueError("bucket_ms must be in [1, 2**63 - 1], not %r" % bucket_ms)
+    keys = array("q", bytes(8 * n))
+    ids = array("q", bytes(8 * n))
+    ordered = _bucket_keys(ts, n, bucket_ms, keys)
+    if ordered < 0:
+        raise ValueError("timestamp out of range at row %d" % (-1 - ordered))
+    if ordered:
+        nb = _run_ids(keys, n, ids)
+        starts = array("q", bytes(8 * nb))
+        _put_starts(keys, ids, n, starts)
+    else:
+        starts = array("q", sorted(set(keys)))
+        nb = len(starts)
+        _find_ids(keys, n, starts, nb, ids)
+    stats = array("d", bytes(8 * 4 * nb * nf))
+    _accumulate(values, ids, n, nf, stats, _words(stats))
+    return starts, stats
+
+
+def _bucket_keys(ts, n, b, keys):
+    """Write each row's bucket start into keys; 1 if they never decrease, 0 if they do, and
+    -1 - i if row i's timestamp is out of range."""
+    ordered = 1
+    last = 0
+    for i in range(n):
+        t = ts[i]
+        if not (-_I_MAX < t < _I_MAX):
+            return -1 - i
+        k = t // b
+        if k * b > t:  # C division truncates toward zero; Python's already floors
+            k -= 1
+        k = k * b
+        keys[i] = k
+        if i and k < last:
+            ordered = 0
+        last = k
+    return ordered
+
+
+def _run_ids(keys, n, ids):
+    """Number the runs of equal keys (keys ascending); return how many there are."""
+    nb = 0
+    for i in range(n):
+        if i and keys[i] != keys[i - 1]:
+            nb += 1
+        ids[i] = nb
+    if n:
+        nb += 1
+    return nb
+
+
+def _put_starts(keys, ids, n, starts):
+    for i in range(n):
+        starts[ids[i]] = keys[i]
+
+
+def _find_ids(keys, n, starts, nb, ids):
+    """Each row's bucket: the index of its key in the ascending distinct keys."""
+    for i in range(n):
+        k = keys[i]
+        lo = 0
+        hi = nb - 1
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if starts[mid] < k:
+                lo = mid + 1
+            else:
+                hi = mid
+        ids[i] = lo
+
+
+def _accumulate(xs, ids, n, nf, out, obits):
+    """Fill out (zeroed: count 0, sum 0.0) with count, min, sum, max per bucket and field, in
+    row order, then turn sums into averages and empty cells into MISSING."""
+    for j in range(nf):
+        base = j * n
+        for i in range(n):
+            x = xs[base + i]
+            if not (abs(x) <= _DBL_MAX):  # NaN (missing too) and inf
+                continue
+            o = (ids[i] * nf + j) * 4
+            c = out[o]
+            if c == 0.0:
+                out[o + 1] = x
+                out[o + 3] = x
+            else:
+                if x < out[o + 1]:
+                    out[o + 1] = x
+                if x > out[o + 3]:
+                    out[o + 3] = x
+            out[o + 2] += x
+            out[o] = c + 1.0
+    for o in range(0, len(out), 4):
+        c = out[o]
+        if c == 0.0:
+            obits[o + 1] = _MISSING_BITS
+            obits[o + 2] = _MISSING_BITS
+            obits[o + 3] = _MISSING_BITS
+        else:
+            out[o + 2] = out[o + 2] / c
 
 
 # ---------------------------------------------------------------------------------------------

@@ -182,6 +182,12 @@ def _boot_time() -> datetime | None:
     return None
 
 
+def boot_time_ms() -> int | None:
+    """When the operating system booted, in Unix ms (None where /proc does not say)."""
+    boot = _boot_time()
+    return int(boot.timestamp() * 1000) if boot else None
+
+
 def _model() -> str:
     for path in _MODEL_FILES:
         text = (_read_text(path) or "").strip("\x00 \n")

@@ -43,8 +43,8 @@ from typing import Annotated, Literal
 import msgspec
 
 from cloud_sync import DeviceSchema
+from cloud_sync.tomlerrors import format_path, line_of, parse_toml, read_text, split_error
 
-from ..tomlerrors import format_path, line_of, parse_toml, read_text, split_error
 from .base import field_from_name, unit_of
 
 __all__ = (

@@ -175,9 +175,19 @@ class LiveStats(msgspec.Struct):
 
 class SyncInfo(msgspec.Struct):
     state: str
+    """not configured, starting, ok, offline (the hub does not answer), refused."""
     backlog_frames: int | None
     last_upload_ms: int | None
     last_error: str | None
+    backlog_oldest_ms: int | None = None
+    rate_fps: float | None = None
+    """Frames acknowledged per second over the last minute."""
+    eta_s: float | None = None
+    drift_ms: int | None = None
+    """This node's clock minus the hub's."""
+    drift_flagged: bool = False
+    """The clocks are more than 60 s apart."""
+    hub_url: str | None = None
 
 
 class StatusResponse(msgspec.Struct):

@@ -65,8 +65,10 @@ def _page_routes(static_dir: Path) -> list[HTTPRouteHandler]:
     return [page, page_head]
 
 
-def _metrics_route(runtime: Runtime, hub: LiveHub) -> HTTPRouteHandler:
-    registry = metrics.make_registry(runtime, hub)
+def _metrics_route(
+    runtime: Runtime, hub: LiveHub, sync: Callable[[], SyncInfo] | None
+) -> HTTPRouteHandler:
+    registry = metrics.make_registry(runtime, hub, sync)
 
     @get("/metrics", sync_to_thread=False, tags=["site"], media_type=metrics.CONTENT_TYPE)
     def metrics_text() -> Response[bytes]:
@@ -108,7 +110,7 @@ def create_app(
     )
     handlers: list[ControllerRouterHandler] = [
         *api_routes(ctx),
-        _metrics_route(runtime, hub),
+        _metrics_route(runtime, hub, sync_status),
         *_page_routes(static_dir),
         create_static_files_router(path="/static", directories=[static_dir], name="static"),
     ]
@@ -156,13 +158,19 @@ class Dashboard:
         port: int | None = None,
         send_timeout_s: float = 5.0,
         retry_max_s: float = 60.0,
+        sync_status: Callable[[], SyncInfo] | None = None,
     ) -> None:
         self.runtime = runtime
         self.host = cfg.http.host if host is None else host
         self.port = cfg.http.port if port is None else port
         self.hub = LiveHub(runtime)
         self.app = create_app(
-            runtime, cfg, static_dir=static_dir, hub=self.hub, send_timeout_s=send_timeout_s
+            runtime,
+            cfg,
+            static_dir=static_dir,
+            hub=self.hub,
+            send_timeout_s=send_timeout_s,
+            sync_status=sync_status,
         )
         self.ready = ServerReady()
         self._retry_max_s = retry_max_s

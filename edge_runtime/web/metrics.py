@@ -7,13 +7,14 @@ registry is touched (so several runtimes in one process, as in tests, do not col
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..runtime import Runtime
+from .api import SyncInfo
 from .live import LiveHub
 
 __all__ = ("CONTENT_TYPE", "RuntimeCollector", "make_registry", "render")
@@ -25,15 +26,54 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.split("; charset")[0]
 class RuntimeCollector(Collector):
     """Devices, store, bus and live fan-out, read at scrape time."""
 
-    def __init__(self, runtime: Runtime, hub: LiveHub) -> None:
+    def __init__(
+        self, runtime: Runtime, hub: LiveHub, sync: Callable[[], SyncInfo] | None = None
+    ) -> None:
         self.runtime = runtime
         self.hub = hub
+        self.sync = sync
 
     def collect(self) -> Iterator[Metric]:
         yield from self._devices()
         yield from self._store()
         yield from self._bus()
         yield from self._live()
+        yield from self._sync()
+
+    def _sync(self) -> Iterator[Metric]:
+        if self.sync is None:
+            return
+        st = self.sync()
+        yield GaugeMetricFamily(
+            "gridlet_sync_backlog_frames",
+            "Stored frames the hub has not acknowledged yet",
+            value=st.backlog_frames or 0,
+        )
+        yield GaugeMetricFamily(
+            "gridlet_sync_rate_frames_per_second",
+            "Frames the hub acknowledged per second over the last minute",
+            value=st.rate_fps or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "gridlet_sync_up", "1 while the hub acknowledges uploads", value=st.state == "ok"
+        )
+        if st.last_upload_ms is not None:
+            yield GaugeMetricFamily(
+                "gridlet_sync_last_upload_seconds",
+                "Unix time of the last acknowledged upload",
+                value=st.last_upload_ms / 1000,
+            )
+        if st.drift_ms is not None:
+            yield GaugeMetricFamily(
+                "gridlet_sync_clock_drift_seconds",
+                "This node's clock minus the hub's",
+                value=st.drift_ms / 1000,
+            )
+            yield GaugeMetricFamily(
+                "gridlet_sync_clock_drift_flagged",
+                "1 when this node's clock is more than 60 s from the hub's",
+                value=float(st.drift_flagged),
+            )
 
     def _devices(self) -> Iterator[Metric]:
         online = GaugeMetricFamily(
@@ -111,9 +151,11 @@ class RuntimeCollector(Collector):
         )
 
 
-def make_registry(runtime: Runtime, hub: LiveHub) -> CollectorRegistry:
+def make_registry(
+    runtime: Runtime, hub: LiveHub, sync: Callable[[], SyncInfo] | None = None
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RuntimeCollector(runtime, hub))
+    registry.register(RuntimeCollector(runtime, hub, sync))
     return registry
 
 

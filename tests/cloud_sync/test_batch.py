@@ -152,7 +152,7 @@ def mutate(raw: bytes, **fields: object) -> bytes:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"version": 2}, "unknown wire format version 2"),
+        ({"version": 3}, "unknown wire format version 3"),
         ({"d0__frames": 10**9}, "declares over"),
         ({"d0__frames": 201}, "truncated|does not match|out of range"),
         ({"d0__frames": 199}, "truncated|does not match|out of range"),

@@ -122,6 +122,7 @@ def documented_keys() -> list[str]:
         "store": c.StoreConfig,
         "http": c.HttpConfig,
         "mqtt": c.MqttConfig,
+        "sync": c.SyncConfig,
     }
     for name, struct in sections.items():
         keys += [f"{name}.{f.name}" for f in msgspec.structs.fields(struct)]

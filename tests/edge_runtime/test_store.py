@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cloud_sync import DeviceSchema, Frame, default_field
+from cloud_sync.uploader import SyncState
 from edge_runtime.bus import Bus, Reading
 from edge_runtime.store import (
     HOUR_MS,
@@ -105,7 +106,9 @@ async def test_size_cap_evicts_synced_first_and_counts(tmp_path: Path) -> None:
     store = await Store.open(path, max_size_bytes=10**9)
     try:
         await store.write([reading(i + 1, T0 + i * 100, float(i)) for i in range(20_000)])
-        await store.mark_synced("m1", 5000)
+        key = (T0 + 4999 * 100, 5000)
+        store.set_sync("m1", SyncState(key, key, key))  # the hub holds seq 1..5000
+        await store.write([])
         size = await store._size()
         store.max_size_bytes = size * 3 // 4
         await store.maintain(now_ms=T0)
@@ -117,6 +120,10 @@ async def test_size_cap_evicts_synced_first_and_counts(tmp_path: Path) -> None:
         assert counters["evicted_unsynced"] == store.stats.evicted_unsynced
         seqs = [f.seq for f, _ in Reader(path).frames("m1")]
         assert seqs == list(range(20_001 - len(seqs), 20_001))  # the oldest went, in order
+        # Every unsynced frame evicted is counted per device and day for the hub to hear of.
+        losses = Reader(path).losses()
+        assert sum(ev for _, _, ev, _ in losses) == store.stats.evicted_unsynced
+        assert {dev for dev, _, _, _ in losses} == {"m1"}
     finally:
         await store.close()
 

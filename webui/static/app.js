@@ -754,7 +754,12 @@ function renderStatus(st, deadLetters) {
   const y = st.sync;
   kvList(document.getElementById("s-sync"), [
     ["State", y.state],
+    ["Hub", y.hub_url || "—"],
     ["Backlog", y.backlog_frames == null ? "—" : count(y.backlog_frames, "frames")],
+    ["Oldest waiting", y.backlog_oldest_ms == null ? "—" : ago(y.backlog_oldest_ms)],
+    ["Rate", y.rate_fps == null ? "—" : `${fmtNum(y.rate_fps, 1)} frames/s`],
+    ["ETA", y.eta_s == null ? "—" : `${fmtNum(y.eta_s, 0)} s`],
+    ["Clock drift", y.drift_ms == null ? "—" : `${fmtNum(y.drift_ms / 1000, 1)} s${y.drift_flagged ? " (over 60 s!)" : ""}`],
     ["Last upload", ago(y.last_upload_ms)],
     ["Last error", y.last_error || "—"],
   ]);

@@ -328,6 +328,12 @@ async def test_status_and_dead_letters(site: WebSite) -> None:
         "backlog_frames": None,
         "last_upload_ms": None,
         "last_error": None,
+        "backlog_oldest_ms": None,
+        "rate_fps": None,
+        "eta_s": None,
+        "drift_ms": None,
+        "drift_flagged": False,
+        "hub_url": None,
     }
 
 

@@ -1,8 +1,8 @@
 """Reading TOML files for users, and where in one a msgspec validation error points.
 
 msgspec says ``Expected `int`, got `str` - at `$.devices[1].port```; users want
-``site.toml:14: devices[1].port: ...``. Shared by the site configuration and the Modbus
-register profiles.
+``site.toml:14: devices[1].port: ...``. Shared by the site configuration, the Modbus
+register profiles and the hub configuration.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-__all__ = ("format_path", "line_of", "parse_toml", "read_text", "split_error")
+__all__ = ("format_path", "line_of", "locate", "parse_toml", "read_text", "split_error")
 
 _TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
 
@@ -89,3 +89,12 @@ def line_of(text: str, parts: list[str | int]) -> int | None:
         if hit is not None:
             return hit
     return None
+
+
+def locate(message: str, text: str, filename: str) -> str:
+    """Turn msgspec's ``... - at `$.devices[0].port``` into ``file:line: devices[0].port: ...``."""
+    msg, parts = split_error(message)
+    key = format_path(parts)
+    line = line_of(text, parts)
+    where = f"{filename}:{line}" if line else filename
+    return f"{where}: {key}: {msg}" if key else f"{where}: {msg}"

@@ -1,0 +1,516 @@
+"""The embedded hub database: SQLite in WAL mode, one writer connection, one reader.
+
+Transactions are ``BEGIN IMMEDIATE`` on the writer, one at a time (an asyncio lock), and
+``synchronous=FULL``: an acknowledged batch survives a power cut, since the node forgets what
+the hub acknowledged. Reads use their own connection and see only committed data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from cloud_sync import DeviceSchema, Loss, NodeStatus
+from cloud_sync.rollup import DAY_MS
+
+from .base import (
+    BlockRecord,
+    CompletenessRecord,
+    DeviceRecord,
+    NodeRecord,
+    Storage,
+    StorageError,
+    Tx,
+)
+
+__all__ = ("SqliteStorage",)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    added_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER,
+    last_batch_id INTEGER,
+    status BLOB,
+    drift_ms INTEGER,
+    batches INTEGER NOT NULL DEFAULT 0,
+    body_bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS batches (
+    node_id TEXT NOT NULL,
+    batch_id INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    body_bytes INTEGER NOT NULL,
+    frames INTEGER NOT NULL,
+    PRIMARY KEY (node_id, batch_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS schemas (
+    digest BLOB PRIMARY KEY,
+    body BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS devices (
+    node_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    schema_digest BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    model TEXT NOT NULL,
+    last_ts_ms INTEGER,
+    last_seq INTEGER,
+    latest BLOB,
+    held BLOB NOT NULL,
+    frames INTEGER NOT NULL,
+    n_values INTEGER NOT NULL,
+    wire_bytes INTEGER NOT NULL,
+    json_bytes INTEGER NOT NULL,
+    PRIMARY KEY (node_id, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blocks (
+    node_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    batch_id INTEGER NOT NULL,
+    schema_digest BLOB NOT NULL,
+    first_ts_ms INTEGER NOT NULL,
+    last_ts_ms INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    frames INTEGER NOT NULL,
+    chain_from INTEGER NOT NULL,
+    key_batch INTEGER NOT NULL,
+    chain_len INTEGER NOT NULL,
+    packed INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (node_id, device_id, batch_id)
+);
+CREATE INDEX IF NOT EXISTS blocks_by_time ON blocks (node_id, device_id, first_ts_ms);
+CREATE TABLE IF NOT EXISTS rollups (
+    node_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    res_ms INTEGER NOT NULL,
+    bucket_ms INTEGER NOT NULL,
+    schema_digest BLOB NOT NULL,
+    stats BLOB NOT NULL,
+    PRIMARY KEY (node_id, device_id, res_ms, bucket_ms, schema_digest)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS completeness (
+    node_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    day_ms INTEGER NOT NULL,
+    live INTEGER NOT NULL DEFAULT 0,
+    backfill INTEGER NOT NULL DEFAULT 0,
+    evicted INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    gaps INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (node_id, device_id, day_ms)
+) WITHOUT ROWID;
+"""
+
+_BLOCK_COLS = (
+    "node_id, device_id, batch_id, schema_digest, first_ts_ms, last_ts_ms, first_seq, last_seq,"
+    " frames, chain_from, key_batch, chain_len, packed, data"
+)
+_DEVICE_COLS = (
+    "node_id, device_id, schema_digest, kind, model, last_ts_ms, last_seq, latest, held,"
+    " frames, n_values, wire_bytes, json_bytes"
+)
+_NODE_COLS = (
+    "node_id, public_key, added_ms, last_seen_ms, last_batch_id, status, drift_ms, batches,"
+    " body_bytes"
+)
+
+
+def block_from_row(row: Sequence[Any]) -> BlockRecord:
+    return BlockRecord(
+        node_id=row[0],
+        device_id=row[1],
+        batch_id=row[2],
+        schema_digest=bytes(row[3]),
+        first_ts_ms=row[4],
+        last_ts_ms=row[5],
+        first_seq=row[6],
+        last_seq=row[7],
+        frames=row[8],
+        chain_from=row[9],
+        key_batch=row[10],
+        chain_len=row[11],
+        packed=bool(row[12]),
+        data=bytes(row[13]),
+    )
+
+
+def block_to_row(r: BlockRecord) -> tuple[Any, ...]:
+    return (
+        r.node_id,
+        r.device_id,
+        r.batch_id,
+        r.schema_digest,
+        r.first_ts_ms,
+        r.last_ts_ms,
+        r.first_seq,
+        r.last_seq,
+        r.frames,
+        r.chain_from,
+        r.key_batch,
+        r.chain_len,
+        r.packed,
+        r.data,
+    )
+
+
+def device_from_row(row: Sequence[Any]) -> DeviceRecord:
+    return DeviceRecord(
+        node_id=row[0],
+        device_id=row[1],
+        schema_digest=bytes(row[2]),
+        kind=row[3],
+        model=row[4],
+        last_ts_ms=row[5],
+        last_seq=row[6],
+        latest=None if row[7] is None else bytes(row[7]),
+        held=bytes(row[8]),
+        frames=row[9],
+        values=row[10],
+        wire_bytes=row[11],
+        json_bytes=row[12],
+    )
+
+
+def device_to_row(d: DeviceRecord) -> tuple[Any, ...]:
+    return (
+        d.node_id,
+        d.device_id,
+        d.schema_digest,
+        d.kind,
+        d.model,
+        d.last_ts_ms,
+        d.last_seq,
+        d.latest,
+        d.held,
+        d.frames,
+        d.values,
+        d.wire_bytes,
+        d.json_bytes,
+    )
+
+
+def node_from_row(row: Sequence[Any]) -> NodeRecord:
+    return NodeRecord(
+        node_id=row[0],
+        public_key=bytes(row[1]),
+        added_ms=row[2],
+        last_seen_ms=row[3],
+        last_batch_id=row[4],
+        status=None if row[5] is None else msgspec.json.decode(row[5], type=NodeStatus),
+        drift_ms=row[6],
+        batches=row[7],
+        body_bytes=row[8],
+    )
+
+
+def completeness_from_row(row: Sequence[Any]) -> CompletenessRecord:
+    return CompletenessRecord(
+        device_id=row[0],
+        day_ms=row[1],
+        live=row[2],
+        backfill=row[3],
+        evicted=row[4],
+        rejected=row[5],
+        gaps=row[6],
+    )
+
+
+def loss_rows(node_id: str, losses: Iterable[Loss]) -> list[tuple[Any, ...]]:
+    return [
+        (node_id, x.device_id, x.day_ms // DAY_MS * DAY_MS, x.evicted, x.rejected, x.gaps)
+        for x in losses
+    ]
+
+
+class _SqliteTx(Tx):
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    async def claim_batch(
+        self, node_id: str, batch_id: int, received_ms: int, body_bytes: int, frames: int
+    ) -> bool:
+        cur = await self.db.execute(
+            "INSERT INTO batches VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (node_id, batch_id, received_ms, body_bytes, frames),
+        )
+        return cur.rowcount == 1
+
+    async def lock_device(self, node_id: str, device_id: str) -> DeviceRecord | None:
+        async with self.db.execute(
+            f"SELECT {_DEVICE_COLS} FROM devices WHERE node_id = ? AND device_id = ?",
+            (node_id, device_id),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else device_from_row(row)
+
+    async def put_device(self, rec: DeviceRecord) -> None:
+        await self.db.execute(
+            f"INSERT OR REPLACE INTO devices ({_DEVICE_COLS}) VALUES"
+            " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            device_to_row(rec),
+        )
+
+    async def put_schema(self, digest: bytes, schema: DeviceSchema) -> None:
+        await self.db.execute(
+            "INSERT INTO schemas VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (digest, msgspec.json.encode(schema)),
+        )
+
+    async def insert_block(self, rec: BlockRecord) -> None:
+        await self.db.execute(
+            f"INSERT INTO blocks ({_BLOCK_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            block_to_row(rec),
+        )
+
+    async def get_rollups(  # noqa: PLR0917 - mirrors the rollups key
+        self, node_id: str, device_id: str, res_ms: int, digest: bytes, lo_ms: int, hi_ms: int
+    ) -> dict[int, bytes]:
+        async with self.db.execute(
+            "SELECT bucket_ms, stats FROM rollups WHERE node_id = ? AND device_id = ?"
+            " AND res_ms = ? AND bucket_ms >= ? AND bucket_ms < ? AND schema_digest = ?",
+            (node_id, device_id, res_ms, lo_ms, hi_ms, digest),
+        ) as cur:
+            return {b: bytes(s) async for b, s in cur}
+
+    async def put_rollups(
+        self,
+        node_id: str,
+        device_id: str,
+        res_ms: int,
+        digest: bytes,
+        rows: Sequence[tuple[int, bytes]],
+    ) -> None:
+        await self.db.executemany(
+            "INSERT OR REPLACE INTO rollups VALUES (?, ?, ?, ?, ?, ?)",
+            [(node_id, device_id, res_ms, b, digest, s) for b, s in rows],
+        )
+
+    async def add_completeness(
+        self, node_id: str, device_id: str, day_ms: int, live: int, backfill: int
+    ) -> None:
+        await self.db.execute(
+            "INSERT INTO completeness (node_id, device_id, day_ms, live, backfill)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET live = live + excluded.live,"
+            " backfill = backfill + excluded.backfill",
+            (node_id, device_id, day_ms, live, backfill),
+        )
+
+    async def report_losses(self, node_id: str, losses: Sequence[Loss]) -> None:
+        await self.db.executemany(
+            "INSERT INTO completeness (node_id, device_id, day_ms, evicted, rejected, gaps)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
+            " evicted = max(evicted, excluded.evicted),"
+            " rejected = max(rejected, excluded.rejected), gaps = max(gaps, excluded.gaps)",
+            loss_rows(node_id, losses),
+        )
+
+    async def touch_node(
+        self,
+        node_id: str,
+        *,
+        seen_ms: int,
+        batch_id: int,
+        body_bytes: int,
+        status: NodeStatus | None,
+        drift_ms: int,
+    ) -> None:
+        await self.db.execute(
+            "UPDATE nodes SET last_seen_ms = ?, last_batch_id = max(coalesce(last_batch_id, 0), ?),"
+            " status = coalesce(?, status), drift_ms = ?, batches = batches + 1,"
+            " body_bytes = body_bytes + ? WHERE node_id = ?",
+            (
+                seen_ms,
+                batch_id,
+                None if status is None else msgspec.json.encode(status),
+                drift_ms,
+                body_bytes,
+                node_id,
+            ),
+        )
+
+
+class SqliteStorage(Storage):
+    """Hub storage in one SQLite file."""
+
+    name = "sqlite"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._w: aiosqlite.Connection | None = None
+        self._r: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        w = await aiosqlite.connect(str(self.path), isolation_level=None)
+        try:
+            await w.execute("PRAGMA journal_mode=WAL")
+            await w.execute("PRAGMA synchronous=FULL")
+            await w.execute("PRAGMA busy_timeout=10000")
+            await w.executescript(_SCHEMA)
+            r = await aiosqlite.connect(str(self.path), isolation_level=None)
+            await r.execute("PRAGMA busy_timeout=10000")
+            await r.execute("PRAGMA query_only=1")
+        except Exception:
+            await w.close()
+            raise
+        self._w, self._r = w, r
+
+    async def close(self) -> None:
+        for c in (self._r, self._w):
+            if c is not None:
+                await c.close()
+        self._w = self._r = None
+
+    @property
+    def _writer(self) -> aiosqlite.Connection:
+        if self._w is None:
+            raise StorageError("the hub database is not open")
+        return self._w
+
+    @property
+    def _reader(self) -> aiosqlite.Connection:
+        if self._r is None:
+            raise StorageError("the hub database is not open")
+        return self._r
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        async with self._lock:
+            db = self._writer
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqliteTx(db)
+            except BaseException:
+                await asyncio.shield(db.execute("ROLLBACK"))
+                raise
+            await asyncio.shield(db.execute("COMMIT"))
+
+    async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        async with self._reader.execute(sql, args) as cur:
+            return list(await cur.fetchall())
+
+    async def add_node(self, node_id: str, public_key: bytes, *, replace: bool = False) -> bool:
+        async with self.transaction() as tx:
+            assert isinstance(tx, _SqliteTx)
+            verb = (
+                "ON CONFLICT DO UPDATE SET public_key = excluded.public_key"
+                if replace
+                else ("ON CONFLICT DO NOTHING")
+            )
+            cur = await tx.db.execute(
+                f"INSERT INTO nodes (node_id, public_key, added_ms) VALUES (?, ?, ?) {verb}",
+                (node_id, public_key, int(time.time() * 1000)),
+            )
+            return cur.rowcount == 1
+
+    async def node_key(self, node_id: str) -> bytes | None:
+        rows = await self._all("SELECT public_key FROM nodes WHERE node_id = ?", (node_id,))
+        return bytes(rows[0][0]) if rows else None
+
+    async def nodes(self) -> list[NodeRecord]:
+        rows = await self._all(f"SELECT {_NODE_COLS} FROM nodes ORDER BY node_id")
+        return [node_from_row(r) for r in rows]
+
+    async def node(self, node_id: str) -> NodeRecord | None:
+        rows = await self._all(f"SELECT {_NODE_COLS} FROM nodes WHERE node_id = ?", (node_id,))
+        return node_from_row(rows[0]) if rows else None
+
+    async def schemas(self, digests: Sequence[bytes]) -> dict[bytes, DeviceSchema]:
+        out: dict[bytes, DeviceSchema] = {}
+        for d in digests:
+            rows = await self._all("SELECT body FROM schemas WHERE digest = ?", (d,))
+            if rows:
+                out[d] = msgspec.json.decode(rows[0][0], type=DeviceSchema)
+        return out
+
+    async def devices(self, node_id: str) -> list[DeviceRecord]:
+        rows = await self._all(
+            f"SELECT {_DEVICE_COLS} FROM devices WHERE node_id = ? ORDER BY device_id", (node_id,)
+        )
+        return [device_from_row(r) for r in rows]
+
+    async def block(self, node_id: str, device_id: str, batch_id: int) -> BlockRecord | None:
+        rows = await self._all(
+            f"SELECT {_BLOCK_COLS} FROM blocks WHERE node_id = ? AND device_id = ?"
+            " AND batch_id = ?",
+            (node_id, device_id, batch_id),
+        )
+        return block_from_row(rows[0]) if rows else None
+
+    async def chain(
+        self, node_id: str, device_id: str, key_batch: int, upto_batch: int
+    ) -> list[BlockRecord]:
+        rows = await self._all(
+            f"SELECT {_BLOCK_COLS} FROM blocks WHERE node_id = ? AND device_id = ?"
+            " AND batch_id >= ? AND batch_id <= ? AND key_batch = ? ORDER BY batch_id",
+            (node_id, device_id, key_batch, upto_batch, key_batch),
+        )
+        return [block_from_row(r) for r in rows]
+
+    async def blocks(
+        self, node_id: str, device_id: str, start_ms: int, end_ms: int
+    ) -> list[BlockRecord]:
+        # A block's frames may start before start_ms; blocks are at most a day long.
+        rows = await self._all(
+            f"SELECT {_BLOCK_COLS} FROM blocks WHERE node_id = ? AND device_id = ?"
+            " AND first_ts_ms >= ? AND first_ts_ms < ? AND last_ts_ms >= ?",
+            (node_id, device_id, start_ms - DAY_MS, end_ms, start_ms),
+        )
+        hits = [block_from_row(r) for r in rows]
+        keys = sorted({b.key_batch for b in hits if not b.packed and b.chain_from})
+        have = {b.batch_id for b in hits}
+        for key in keys:
+            upto = max(b.batch_id for b in hits if b.key_batch == key)
+            for b in await self.chain(node_id, device_id, key, upto):
+                if b.batch_id not in have:
+                    hits.append(b)
+                    have.add(b.batch_id)
+        hits.sort(key=lambda b: b.batch_id)
+        return hits
+
+    async def rollups(
+        self, node_id: str, device_id: str, res_ms: int, start_ms: int, end_ms: int
+    ) -> list[tuple[int, bytes, bytes]]:
+        rows = await self._all(
+            "SELECT bucket_ms, schema_digest, stats FROM rollups WHERE node_id = ?"
+            " AND device_id = ? AND res_ms = ? AND bucket_ms >= ? AND bucket_ms < ?"
+            " ORDER BY bucket_ms",
+            (node_id, device_id, res_ms, start_ms, end_ms),
+        )
+        return [(b, bytes(d), bytes(s)) for b, d, s in rows]
+
+    async def completeness(self, node_id: str, day_ms: int) -> list[CompletenessRecord]:
+        rows = await self._all(
+            "SELECT device_id, day_ms, live, backfill, evicted, rejected, gaps FROM completeness"
+            " WHERE node_id = ? AND day_ms = ? ORDER BY device_id",
+            (node_id, day_ms),
+        )
+        return [completeness_from_row(r) for r in rows]
+
+    async def prune(self, raw_before_ms: int, rollups_before_ms: int) -> int:
+        day = raw_before_ms // DAY_MS * DAY_MS  # whole days, so that no chain loses its key
+        async with self.transaction() as tx:
+            assert isinstance(tx, _SqliteTx)
+            cur = await tx.db.execute("DELETE FROM blocks WHERE first_ts_ms < ?", (day,))
+            n = cur.rowcount
+            await tx.db.execute("DELETE FROM batches WHERE received_ms < ?", (day,))
+            await tx.db.execute("DELETE FROM rollups WHERE bucket_ms < ?", (rollups_before_ms,))
+        return n
+
+    async def db_bytes(self) -> int:
+        rows = await self._all("PRAGMA page_count")
+        free = await self._all("PRAGMA freelist_count")
+        size = await self._all("PRAGMA page_size")
+        return int((rows[0][0] - free[0][0]) * size[0][0])

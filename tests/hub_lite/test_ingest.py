@@ -1,0 +1,198 @@
+"""Ingest checks: every bad body gets its own clear refusal and changes nothing; chained
+batches decode only from a state the hub holds (rebuilt from the database after a restart)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from cloud_sync import DeviceSchema, Frame, default_field, encode
+from cloud_sync.signing import NodeKey, sign
+from hub_lite.config import IngestConfig
+from hub_lite.ingest import IngestError, Ingestor
+from hub_lite.read import read_frames
+from hub_lite.storage import Storage, make_storage
+from proto import telemetry_pb2 as pb
+
+T0 = 1_790_000_000_000
+NODE = "n1"
+SCHEMA = DeviceSchema(
+    kind="meter",
+    model="sim",
+    fields=(default_field("power_w", "W", 5.0), default_field("energy_kwh", "kWh", 0.001)),
+)
+
+
+def frames(start: int, n: int, t0: int = T0) -> list[Frame]:
+    rng = random.Random(start)
+    return [
+        Frame(
+            "m", t0 + (start + i) * 1000, start + i + 1, (rng.uniform(0, 3000), 0.01 * (start + i))
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
+    st = make_storage(f"sqlite:///{tmp_path / 'hub.db'}")
+    await st.open()
+    try:
+        yield st
+    finally:
+        await st.close()
+
+
+@pytest.fixture
+async def key(storage: Storage) -> NodeKey:
+    k = NodeKey.generate()
+    assert await storage.add_node(NODE, k.public_bytes)
+    return k
+
+
+def body(key: NodeKey, batch_id: int, rows: list[Frame], **kw: object) -> bytes:
+    node = str(kw.pop("node_id", NODE))
+    raw = encode(rows, {"m": SCHEMA}, node_id=node, batch_id=batch_id, created_ms=T0, **kw)  # type: ignore[arg-type]
+    return sign(key, NODE, raw)
+
+
+async def snapshot(st: Storage) -> tuple[object, ...]:
+    nodes = await st.nodes()
+    devices = await st.devices(NODE)
+    return (
+        [(n.batches, n.last_batch_id) for n in nodes],
+        [(d.frames, d.held) for d in devices],
+        len(await read_frames(st, NODE, "m", 0, 2**62)),
+    )
+
+
+def ingestor(st: Storage, **cfg: object) -> Ingestor:
+    return Ingestor(st, IngestConfig(max_future_s=10 * 365 * 86400, **cfg), clock=lambda: T0 / 1000)  # type: ignore[arg-type]
+
+
+async def refused(ing: Ingestor, data: bytes, status: int, code: str) -> IngestError:
+    before = await snapshot(ing.storage)
+    with pytest.raises(IngestError) as info:
+        await ing.ingest(data)
+    assert (info.value.status, info.value.code) == (status, code), info.value.detail
+    assert await snapshot(ing.storage) == before, "a refused body changed a row"
+    return info.value
+
+
+async def test_bad_bodies_are_refused_and_change_nothing(storage: Storage, key: NodeKey) -> None:
+    ing = ingestor(storage, max_body_bytes=64 * 1024)
+    ok = body(key, 1, frames(0, 50))
+    assert (await ing.ingest(ok)).result == "stored"
+    # A replay of a stored batch: 200 duplicate, nothing written.
+    before = await snapshot(storage)
+    ack = await ing.ingest(ok)
+    assert (ack.result, ack.frames_new) == ("duplicate", 0)
+    assert await snapshot(storage) == before
+    # Wrong signature: another key signs for this node.
+    await refused(
+        ing,
+        sign(
+            NodeKey.generate(),
+            NODE,
+            encode(frames(50, 5), {"m": SCHEMA}, node_id=NODE, batch_id=2, created_ms=T0),
+        ),
+        401,
+        "bad_signature",
+    )
+    # Unknown node.
+    stranger = NodeKey.generate()
+    raw = encode(frames(50, 5), {"m": SCHEMA}, node_id="nx", batch_id=2, created_ms=T0)
+    await refused(ing, sign(stranger, "nx", raw), 403, "unknown_node")
+    # The body names another node than the signer.
+    await refused(ing, body(key, 3, frames(50, 5), node_id="n2"), 400, "node_mismatch")
+    # Oversize.
+    await refused(ing, b"\x00" * (64 * 1024 + 1), 413, "too_large")
+    # Truncated and fuzzed.
+    good = body(key, 4, frames(50, 20))
+    await refused(ing, good[: len(good) // 2], 400, "malformed")
+    rng = random.Random(7)
+    for _ in range(200):
+        b = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        try:
+            await ing.ingest(bytes(b))
+        except IngestError as exc:
+            assert 400 <= exc.status < 500
+    # Timestamps before 2000 and far in the future.
+    await refused(ing, body(key, 5, frames(0, 3, t0=900_000_000_000)), 422, "bad_timestamp")
+    far = T0 + 11 * 365 * 86_400_000
+    await refused(ing, body(key, 6, frames(0, 3, t0=far)), 422, "bad_timestamp")
+    # NaN where a value is required: a field's tolerance.
+    msg = pb.Batch()
+    msg.ParseFromString(
+        encode(frames(60, 3), {"m": SCHEMA}, node_id=NODE, batch_id=7, created_ms=T0)
+    )
+    msg.devices[0].schema.fields[0].tolerance = float("nan")
+    await refused(ing, sign(key, NODE, msg.SerializeToString()), 400, "malformed")
+    # A chained batch whose predecessor the hub never got.
+    chained = encode(
+        frames(60, 3),
+        {"m": SCHEMA},
+        node_id=NODE,
+        batch_id=8,
+        created_ms=T0,
+        chains={"m": (999, _state_after(frames(0, 3)))},
+    )
+    err = await refused(ing, sign(key, NODE, chained), 409, "chain_broken")
+    assert err.extra["devices"] == ["m"]
+    # The hub still serves.
+    assert (await ing.ingest(body(key, 9, frames(50, 10)))).frames_new == 10
+
+
+def _state_after(rows: list[Frame]) -> bytearray:
+    out: dict[str, bytearray] = {}
+    encode(rows, {"m": SCHEMA}, node_id=NODE, batch_id=1, created_ms=T0, states_out=out)
+    return out["m"]
+
+
+async def test_chained_batches_survive_a_hub_restart(storage: Storage, key: NodeKey) -> None:
+    ing = ingestor(storage)
+    states: dict[str, bytearray] = {}
+    rows = frames(0, 5)
+    raw = encode(rows, {"m": SCHEMA}, node_id=NODE, batch_id=1, created_ms=T0, states_out=states)
+    ack = await ing.ingest(sign(key, NODE, raw))
+    assert ack.chain == {"m": 1}
+    sent = list(rows)
+    for b in range(2, 12):
+        rows = frames(5 * (b - 1), 5)
+        chain = {"m": (b - 1, states["m"])}
+        if b == 7:
+            ing = ingestor(storage)  # a new process: the state comes back from the database
+        raw = encode(
+            rows,
+            {"m": SCHEMA},
+            node_id=NODE,
+            batch_id=b,
+            created_ms=T0,
+            chains=chain,
+            states_out=states,
+        )
+        ack = await ing.ingest(sign(key, NODE, raw))
+        assert ack.chain == {"m": b}
+        sent += rows
+    assert ing.stats.chain_rebuilds == 1
+    got = await read_frames(storage, NODE, "m", 0, 2**62)
+    assert [f.seq for f in got] == [f.seq for f in sent]
+    for want, have in zip(sent, got, strict=True):
+        for f, x, y in zip(SCHEMA.fields, want.values, have.values, strict=True):
+            assert x is not None and y is not None and abs(x - y) <= f.tol
+
+
+async def test_overlapping_batches_store_each_frame_once(storage: Storage, key: NodeKey) -> None:
+    ing = ingestor(storage)
+    await ing.ingest(body(key, 1, frames(0, 30)))
+    ack = await ing.ingest(body(key, 2, frames(20, 30)))  # a resend after a lost ack, and more
+    assert (ack.frames_new, ack.frames_duplicate) == (20, 10)
+    got = await read_frames(storage, NODE, "m", 0, 2**62)
+    assert [f.seq for f in got] == list(range(1, 51))
+    day = await storage.completeness(NODE, T0 // 86_400_000 * 86_400_000)
+    assert sum(c.live + c.backfill for c in day) == 50
