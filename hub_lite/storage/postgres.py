@@ -35,7 +35,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
@@ -258,11 +258,13 @@ WITH hits AS MATERIALIZED (
 )
 SELECT {_BLOCK_COLS} FROM hits
 UNION ALL
-SELECT {", ".join("b." + c.strip() for c in _BLOCK_COLS.split(","))}
-FROM spans s JOIN blocks b ON b.key_batch = s.key_batch
-    AND b.batch_id >= s.key_batch AND b.batch_id <= s.upto
-WHERE b.node_id = %(node)s AND b.device_id = %(device)s
-  AND b.batch_id NOT IN (SELECT batch_id FROM hits)
+SELECT c.* FROM spans s CROSS JOIN LATERAL (
+    SELECT {_BLOCK_COLS} FROM blocks
+    WHERE node_id = %(node)s AND device_id = %(device)s
+      AND batch_id >= s.key_batch AND batch_id <= s.upto AND key_batch = s.key_batch
+    OFFSET 0  -- not flattened: a range scan of the primary key for each chain
+) AS c
+WHERE c.batch_id NOT IN (SELECT batch_id FROM hits)
 ORDER BY batch_id
 """
 _PARTITIONS: Final = (
@@ -313,6 +315,8 @@ class _PostgresTx(Tx):
         self.conn = conn
         self.begun = False
         self.new_schemas: set[bytes] = set()
+        self.days_locked: set[int] = set()
+        """Days whose partition this transaction has locked."""
 
     async def run(self, *stmts: tuple[QueryNoTemplate, Params]) -> AsyncCursor[TupleRow]:
         """Run statements in one round trip (after BEGIN, the first time); the last cursor."""
@@ -365,15 +369,23 @@ class _PostgresTx(Tx):
         day = rec.first_ts_ms // DAY_MS * DAY_MS
         if day not in self.storage.days:
             await self.storage.ensure_partition(day)
+        stmts: list[tuple[QueryNoTemplate, Params]] = [(_INSERT_BLOCK, block_to_row(rec))]
+        if day not in self.days_locked:
+            # A server session reads catalog changes only when it takes a lock it does not
+            # hold yet. Locking the day's partition first makes the INSERT see a partition
+            # attached after this transaction locked `blocks`: a prepared INSERT would route
+            # the row with the partitions it knew then. Same round trip.
+            lock = sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE")
+            stmts.insert(0, (lock.format(sql.Identifier(partition_name(day))), ()))
         try:
-            await self.run((_INSERT_BLOCK, block_to_row(rec)))
-        except psycopg.errors.CheckViolation as exc:
-            # "no partition of relation found": another process pruned the day meanwhile.
+            await self.run(*stmts)
+        except (psycopg.errors.UndefinedTable, psycopg.errors.CheckViolation) as exc:
+            # The day's partition is gone: another process pruned it meanwhile.
             self.storage.days.discard(day)
             raise StorageError(
-                f"the partition of day {partition_name(day)} vanished (pruned by another"
-                " process); retry"
+                f"partition {partition_name(day)} was dropped (pruned by another process); retry"
             ) from exc
+        self.days_locked.add(day)
 
     async def get_rollups(  # noqa: PLR0917 - Tx's signature
         self, node_id: str, device_id: str, res_ms: int, digest: bytes, lo_ms: int, hi_ms: int
@@ -553,6 +565,11 @@ class PostgresStorage(Storage):
             self.schemas_held |= tx.new_schemas
 
     async def _all(self, query: QueryNoTemplate, params: Params = ()) -> list[TupleRow]:
+        values = params.values() if isinstance(params, Mapping) else params
+        if any(isinstance(v, str) and "\x00" in v for v in values):
+            # PostgreSQL text cannot hold NUL, so no row has such a key (SQLite's answer
+            # too); an unauthenticated body may name such a node.
+            return []
         async with self._errors(), self.pool.connection() as conn:
             cur = await conn.execute(query, params)
             return await cur.fetchall()

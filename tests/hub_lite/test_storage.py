@@ -122,6 +122,12 @@ async def test_add_node_and_key(storage: Storage) -> None:
     assert before <= node.added_ms <= int(datetime.now(UTC).timestamp() * 1000)
     assert node == NodeRecord(node_id=NODE, public_key=b"\x02" * 32, added_ms=node.added_ms)
     assert [n.node_id for n in await storage.nodes()] == ["node-0", NODE]
+    # Anyone may send a body naming any node, a NUL included (PostgreSQL text has none).
+    assert await storage.node_key("node\x00a") is None
+    assert await storage.node("node\x00a") is None
+    assert await storage.devices("node\x00a") == []
+    assert await storage.block(NODE, "dev\x00", 1) is None
+    assert await storage.blocks(NODE, "dev\x00", D0, D1) == []
 
 
 async def test_a_transaction_stores_what_it_was_given(storage: Storage) -> None:
@@ -634,3 +640,18 @@ async def test_cancelled_while_waiting_on_a_lock(pg_url: str) -> None:
         for _ in range(b.max_size + 1):
             assert not await _claim(b, 5)
         assert await _claim(b, 6)
+
+
+async def test_a_day_made_while_a_transaction_holds_blocks(pg_url: str) -> None:
+    """A partition attached after a transaction locked ``blocks`` is used by that
+    transaction, even through a prepared INSERT (which does not look at the catalog again)."""
+    hub = PostgresStorage(pg_url, min_size=1, max_size=1)  # one connection: the same session
+    async with hub:
+        for i in range(8):  # psycopg prepares a statement on its 5th run
+            await store_blocks(hub, block(1 + i, D0 + i))
+        async with hub.transaction() as tx:
+            assert await tx.claim_batch(NODE, 100, D0, 100, 10)
+            await tx.insert_block(block(100, D0 + MINUTE_MS))
+            await hub.ensure_partition(D1)  # as this process's next request would
+            await tx.insert_block(block(100, D1, device_id="meter-2"))
+        assert await hub.block(NODE, "meter-2", 100) == block(100, D1, device_id="meter-2")
