@@ -35,6 +35,7 @@ __all__ = (
     "Columns",
     "Parsed",
     "UnknownSchemaError",
+    "check_id",
     "decode",
     "decode_columns",
     "encode",
@@ -90,6 +91,17 @@ class Batch(msgspec.Struct, frozen=True):
     frames: list[Frame]
     schemas: dict[str, DeviceSchema]
     status: NodeStatus | None = None
+
+
+MAX_ID_CHARS = 128
+
+
+def check_id(value: str, what: str) -> None:
+    """Raise BatchError for an empty, overlong or non-printable node or device id."""
+    if not value:
+        raise BatchError(f"empty {what}")
+    if len(value) > MAX_ID_CHARS or not value.isprintable():
+        raise BatchError(f"{what} {value[:40]!r} is over {MAX_ID_CHARS} characters or unprintable")
 
 
 def _alpha_q(x: float) -> int:
@@ -298,8 +310,7 @@ def parse(
     total = 0
     seen: set[str] = set()
     for block in msg.devices:
-        if not block.device_id:
-            raise BatchError("a device block has no device id")
+        check_id(block.device_id, "device id")
         if block.device_id in seen:
             raise BatchError(f"device {block.device_id!r} appears twice")
         seen.add(block.device_id)

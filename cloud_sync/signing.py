@@ -1,8 +1,9 @@
 """Node keys and signed upload bodies: Ed25519 over the exact bytes of a serialized Batch.
 
 A node holds its private key in a file of its data folder (PKCS#8 PEM, mode 0600); the hub
-holds only public keys, written as 43 characters of unpadded URL-safe base64 (the raw 32
-bytes), which is what ``gridlet keygen`` prints and ``gridlet hub add-node`` takes.
+holds only public keys, written ``ed25519:`` and 43 characters of unpadded URL-safe base64
+(the raw 32 bytes), which is what ``gridlet keygen`` prints and ``gridlet hub add-node``
+takes. (The prefix also keeps a key that starts with ``-`` from reading as an option.)
 """
 
 from __future__ import annotations
@@ -96,15 +97,18 @@ class NodeKey:
         return self._key.sign(data)
 
 
+_PREFIX = "ed25519:"
+
+
 def public_key_text(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    return _PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 def load_public_key(text: str) -> bytes:
     """The raw 32 bytes of a public key given as ``gridlet keygen`` prints it."""
-    s = text.strip()
+    s = text.strip().removeprefix(_PREFIX)
     try:
-        raw = base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+        raw = base64.b64decode(s + "=" * (-len(s) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError) as exc:
         raise KeyFileError(f"public key {text!r} is not base64") from exc
     if len(raw) != 32:
@@ -127,8 +131,8 @@ def open_signed(body: bytes) -> tuple[str, bytes, bytes]:
         msg.ParseFromString(body)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise SignatureError(f"not a protobuf SignedBatch: {exc}") from exc
-    if not msg.node_id:
-        raise SignatureError("the signed body names no node")
+    if not msg.node_id or len(msg.node_id) > 128 or not msg.node_id.isprintable():
+        raise SignatureError("the signed body names no node, or one that is not printable")
     if len(msg.signature) != 64:
         raise SignatureError(f"a signature of {len(msg.signature)} bytes (Ed25519 has 64)")
     return msg.node_id, msg.batch, msg.signature

@@ -8,11 +8,14 @@ may serve one PostgreSQL database behind one port.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import importlib.metadata
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime
@@ -44,6 +47,8 @@ __all__ = (
     "create_app",
     "hash_token",
     "new_token",
+    "prune_once",
+    "retention",
 )
 
 log = logging.getLogger(__name__)
@@ -156,6 +161,26 @@ def _day(value: str) -> int:
     except ValueError as exc:
         raise HTTPException(status_code=400, detail=f"day {value!r} is not YYYY-MM-DD") from exc
     return int(datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp() * 1000)
+
+
+async def prune_once(storage: Storage, cfg: HubConfig, now_ms: int) -> int:
+    """Drop raw data and rollups past their retention; the number of blocks dropped."""
+    r = cfg.retention
+    return await storage.prune(
+        now_ms - int(r.raw_days * DAY_MS), now_ms - int(r.rollup_days * DAY_MS)
+    )
+
+
+async def retention(storage: Storage, cfg: HubConfig, every_s: float = 3600.0) -> None:
+    """Prune at start and then hourly. Every hub process does it: pruning is idempotent."""
+    while True:
+        try:
+            dropped = await prune_once(storage, cfg, int(time.time() * 1000))
+            if dropped:
+                log.info("retention: dropped %d blocks of raw data", dropped)
+        except Exception:  # the database may be briefly away: the next hour tries again
+            log.exception("retention failed")
+        await asyncio.sleep(every_s)
 
 
 def create_app(storage: Storage, cfg: HubConfig, *, open_storage: bool = True) -> Litestar:
@@ -301,9 +326,13 @@ def create_app(storage: Storage, cfg: HubConfig, *, open_storage: bool = True) -
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
         if open_storage:
             await storage.open()
+        keeper = asyncio.create_task(retention(storage, cfg), name="hub-retention")
         try:
             yield
         finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
             if open_storage:
                 await storage.close()
 

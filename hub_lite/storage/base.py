@@ -9,8 +9,9 @@ and ends its chain). Rollups (1 min, 1 h) are computed by cloud_sync.rollup, the
 uses. Completeness counts frames per device and UTC day: live, backfilled, and what the node
 reports lost.
 
-Every backend implements the primitives of ``Tx`` inside one transaction; ``Storage.store``
-runs the one ingest algorithm over them, so both backends store alike by construction.
+Every backend implements the primitives of ``Tx`` inside one transaction; the one ingest
+algorithm (``hub_lite.ingest.Ingestor``) runs over them, so both backends store alike by
+construction.
 """
 
 from __future__ import annotations

@@ -227,7 +227,7 @@ _REPORT_LOSS: Final = (
     " gaps = GREATEST(completeness.gaps, excluded.gaps)"
 )
 _TOUCH_NODE: Final = (
-    "UPDATE nodes SET last_seen_ms = %s,"
+    "UPDATE nodes SET last_seen_ms = GREATEST(coalesce(last_seen_ms, 0), %s::bigint),"
     " last_batch_id = GREATEST(coalesce(last_batch_id, 0), %s::bigint),"
     " status = coalesce(%s::bytea, status), drift_ms = %s, batches = batches + 1,"
     " body_bytes = body_bytes + %s::bigint WHERE node_id = %s"

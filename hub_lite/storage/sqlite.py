@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -326,7 +327,8 @@ class _SqliteTx(Tx):
         drift_ms: int,
     ) -> None:
         await self.db.execute(
-            "UPDATE nodes SET last_seen_ms = ?, last_batch_id = max(coalesce(last_batch_id, 0), ?),"
+            "UPDATE nodes SET last_seen_ms = max(coalesce(last_seen_ms, 0), ?),"
+            " last_batch_id = max(coalesce(last_batch_id, 0), ?),"
             " status = coalesce(?, status), drift_ms = ?, batches = batches + 1,"
             " body_bytes = body_bytes + ? WHERE node_id = ?",
             (
@@ -389,17 +391,28 @@ class SqliteStorage(Storage):
     async def transaction(self) -> AsyncIterator[Tx]:
         async with self._lock:
             db = self._writer
-            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StorageError(f"{self.path}: {exc}") from exc
             try:
                 yield _SqliteTx(db)
-            except BaseException:
+            except BaseException as exc:
                 await asyncio.shield(db.execute("ROLLBACK"))
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"{self.path}: {exc}") from exc
                 raise
-            await asyncio.shield(db.execute("COMMIT"))
+            try:
+                await asyncio.shield(db.execute("COMMIT"))
+            except sqlite3.Error as exc:
+                raise StorageError(f"{self.path}: {exc}") from exc
 
     async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
-        async with self._reader.execute(sql, args) as cur:
-            return list(await cur.fetchall())
+        try:
+            async with self._reader.execute(sql, args) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: {exc}") from exc
 
     async def add_node(self, node_id: str, public_key: bytes, *, replace: bool = False) -> bool:
         async with self.transaction() as tx:
@@ -428,12 +441,14 @@ class SqliteStorage(Storage):
         return node_from_row(rows[0]) if rows else None
 
     async def schemas(self, digests: Sequence[bytes]) -> dict[bytes, DeviceSchema]:
-        out: dict[bytes, DeviceSchema] = {}
-        for d in digests:
-            rows = await self._all("SELECT body FROM schemas WHERE digest = ?", (d,))
-            if rows:
-                out[d] = msgspec.json.decode(rows[0][0], type=DeviceSchema)
-        return out
+        wanted = list(dict.fromkeys(digests))[:500]  # one query; a body names few schemas
+        if not wanted:
+            return {}
+        marks = ", ".join("?" * len(wanted))
+        rows = await self._all(
+            f"SELECT digest, body FROM schemas WHERE digest IN ({marks})", wanted
+        )
+        return {bytes(d): msgspec.json.decode(b, type=DeviceSchema) for d, b in rows}
 
     async def devices(self, node_id: str) -> list[DeviceRecord]:
         rows = await self._all(

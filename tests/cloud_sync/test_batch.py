@@ -157,7 +157,7 @@ def mutate(raw: bytes, **fields: object) -> bytes:
         ({"d0__frames": 201}, "truncated|does not match|out of range"),
         ({"d0__frames": 199}, "truncated|does not match|out of range"),
         ({"d0__data": b""}, "too short"),
-        ({"d0__device_id": ""}, "no device id"),
+        ({"d0__device_id": ""}, "empty device id"),
         ({"d1__device_id": "meter-1"}, "appears twice"),
         ({"d0__first_ts_ms": 2**62}, "out of range"),
         ({"d0__schema__fields__0__tolerance": -1.0}, "tolerance"),

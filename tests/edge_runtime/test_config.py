@@ -159,3 +159,24 @@ def test_the_readme_example_config_is_valid() -> None:
     assert examples, "the README has no example site.toml"
     for block in examples:
         c.parse_config(block, "README.md")
+
+
+@pytest.mark.parametrize(
+    ("sync", "message"),
+    [
+        ('enabled = true\nhub_url = "ftp://x"', "sync.hub_url: expected an http(s) URL"),
+        ('enabled = true\nhub_url = "http://hub.example.org"', "plain http to another machine"),
+        ("enabled = true\ninterval_s = 0.01", "sync.interval_s"),
+    ],
+)
+def test_sync_section_errors(sync: str, message: str) -> None:
+    text = f'[site]\nnode_id = "a"\n\n[sync]\n{sync}\n'
+    with pytest.raises(c.ConfigError, match=re.escape(message)):
+        c.parse_config(text, "site.toml")
+
+
+def test_sync_to_loopback_http_or_when_allowed() -> None:
+    base = '[site]\nnode_id = "a"\n[sync]\nenabled = true\n'
+    assert c.parse_config(base + 'hub_url = "http://127.0.0.1:8100"\n').sync.enabled
+    cfg = c.parse_config(base + 'hub_url = "http://10.0.0.5"\nallow_insecure_http = true\n')
+    assert cfg.sync.allow_insecure_http

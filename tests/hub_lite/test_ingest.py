@@ -1,11 +1,10 @@
-"""Ingest checks: every bad body gets its own clear refusal and changes nothing; chained
-batches decode only from a state the hub holds (rebuilt from the database after a restart)."""
+"""Ingest checks, on every storage backend (the ``storage`` fixture): every bad body gets its
+own clear refusal and changes nothing; chained batches decode only from a state the hub holds
+(rebuilt from the database after a restart)."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,7 @@ from cloud_sync.signing import NodeKey, sign
 from hub_lite.config import IngestConfig
 from hub_lite.ingest import IngestError, Ingestor
 from hub_lite.read import read_frames
-from hub_lite.storage import Storage, make_storage
+from hub_lite.storage import Storage
 from proto import telemetry_pb2 as pb
 
 T0 = 1_790_000_000_000
@@ -34,16 +33,6 @@ def frames(start: int, n: int, t0: int = T0) -> list[Frame]:
         )
         for i in range(n)
     ]
-
-
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[Storage]:
-    st = make_storage(f"sqlite:///{tmp_path / 'hub.db'}")
-    await st.open()
-    try:
-        yield st
-    finally:
-        await st.close()
 
 
 @pytest.fixture
@@ -133,6 +122,15 @@ async def test_bad_bodies_are_refused_and_change_nothing(storage: Storage, key: 
     )
     msg.devices[0].schema.fields[0].tolerance = float("nan")
     await refused(ing, sign(key, NODE, msg.SerializeToString()), 400, "malformed")
+    # A device id no database should be asked to hold.
+    raw = encode(
+        [Frame("m\x00x", T0, 1, (1.0, 2.0))],
+        {"m\x00x": SCHEMA},
+        node_id=NODE,
+        batch_id=10,
+        created_ms=T0,
+    )
+    await refused(ing, sign(key, NODE, raw), 400, "malformed")
     # A chained batch whose predecessor the hub never got.
     chained = encode(
         frames(60, 3),
@@ -196,3 +194,22 @@ async def test_overlapping_batches_store_each_frame_once(storage: Storage, key: 
     assert [f.seq for f in got] == list(range(1, 51))
     day = await storage.completeness(NODE, T0 // 86_400_000 * 86_400_000)
     assert sum(c.live + c.backfill for c in day) == 50
+
+
+async def test_retention_drops_old_raw_days_and_keeps_recent(
+    storage: Storage, key: NodeKey
+) -> None:
+    from hub_lite.app import prune_once
+    from hub_lite.config import parse_hub_config
+
+    ing = ingestor(storage)
+    old = T0 - 40 * 86_400_000
+    await ing.ingest(body(key, 1, frames(0, 20, t0=old)))
+    await ing.ingest(body(key, 2, frames(20, 20)))
+    assert len(await read_frames(storage, NODE, "m", 0, 2**62)) == 40
+    dropped = await prune_once(storage, parse_hub_config(""), T0)
+    assert dropped == 1
+    got = await read_frames(storage, NODE, "m", 0, 2**62)
+    assert [f.seq for f in got] == list(range(21, 41))
+    # Rollups are kept far longer than raw frames.
+    assert await storage.rollups(NODE, "m", 60_000, old - 60_000, old + 86_400_000)

@@ -5,6 +5,7 @@ exactly the edge's frames (same count, each value within tolerance), with no dup
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import re
@@ -68,17 +69,30 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
 class Hub:
     """`gridlet hub serve` as a real process on a free port (the same port after restarts)."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, workers: int = 1) -> None:
         self.config = config
+        self.workers = workers
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
+        self.url_db = ""
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [EXE, "hub", "serve", "--config", str(self.config), "--port", str(self.port)],
+            [
+                EXE,
+                "hub",
+                "serve",
+                "--config",
+                str(self.config),
+                "--port",
+                str(self.port),
+                "--workers",
+                str(self.workers),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # its worker processes die with it
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -98,9 +112,14 @@ class Hub:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=20)
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=20)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # workers left behind
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
         self.proc = None
 
     def frames(self, node: str) -> int:
@@ -114,14 +133,17 @@ class Hub:
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
+def hub(tmp_path: Path, storage_url: str) -> Iterator[Hub]:
+    """A hub on each backend; on PostgreSQL with two worker processes, so that consecutive
+    batches land on different processes (chains rebuilt from the database)."""
     from hub_lite.app import hash_token
 
     cfg = tmp_path / "hub.toml"
     cfg.write_text(
-        f'[hub]\nadmin_token_hash = "{hash_token(TOKEN)}"\n[storage]\nurl = "sqlite:///hub.db"\n'
+        f'[hub]\nadmin_token_hash = "{hash_token(TOKEN)}"\n[storage]\nurl = "{storage_url}"\n'
     )
-    h = Hub(cfg)
+    h = Hub(cfg, workers=1 if storage_url.startswith("sqlite") else 2)
+    h.url_db = storage_url
     try:
         yield h
     finally:
@@ -141,8 +163,8 @@ def edge_frames(db: Path) -> dict[str, list[tuple[Frame, DeviceSchema]]]:
     return {d: list(reader.frames(d)) for d in ("a", "b")}
 
 
-async def hub_frames(db: Path, node: str, device: str) -> list[Frame]:
-    async with make_storage(f"sqlite:///{db}") as st:
+async def hub_frames(url: str, node: str, device: str) -> list[Frame]:
+    async with make_storage(url) as st:
         return await read_frames(st, node, device, 0, 2**62)
 
 
@@ -201,7 +223,7 @@ def test_outages_and_kills_end_with_the_hub_holding_exactly_the_edge_frames(
 
     stored = edge_frames(tmp_path / "edge.db")
     for device, rows in stored.items():
-        got = asyncio.run(hub_frames(tmp_path / "hub.db", "site-e2e", device))
+        got = asyncio.run(hub_frames(hub.url_db, "site-e2e", device))
         seqs = [f.seq for f in got]
         assert len(seqs) == len(set(seqs)), f"{device}: duplicates at the hub"
         assert len(got) == len(rows), f"{device}: edge {len(rows)} frames, hub {len(got)}"
@@ -212,4 +234,3 @@ def test_outages_and_kills_end_with_the_hub_holding_exactly_the_edge_frames(
                     assert (y is None) == (x is None)
                     continue
                 assert y is not None and abs(x - y) <= f.tol, (device, want.seq, f.name, x, y)
-    assert os.path.getsize(tmp_path / "hub.db") > 0
