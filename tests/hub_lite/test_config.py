@@ -31,7 +31,7 @@ def test_errors_name_file_line_and_key(text: str, message: str) -> None:
 
 def test_every_hub_key_is_documented_in_the_readme() -> None:
     readme = README.read_text(encoding="utf-8")
-    sections = {
+    sections: dict[str, type[msgspec.Struct]] = {
         "hub": hc.HubSection,
         "storage": hc.StorageConfig,
         "ingest": hc.IngestConfig,
