@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -25,6 +26,18 @@ def stored(db: Path) -> dict[str, int]:
         except sqlite3.OperationalError:  # tables not created yet
             return {}
     return dict(rows)
+
+
+def mirrored(db: Path) -> dict[str, int]:
+    """Frames per device the demo's hub holds."""
+    if not db.exists():
+        return {}
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        try:
+            rows = conn.execute("SELECT device_id, frames FROM devices WHERE node_id = 'demo'")
+            return {d: n for d, n in rows if n > 0}
+        except sqlite3.OperationalError:
+            return {}
 
 
 def test_demo_runs_every_device_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
@@ -52,6 +65,14 @@ def test_demo_runs_every_device_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> N
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[0]
         assert set(counts) >= DEVICES, counts
+        # The demo's own hub receives every device's frames (sync every 5 s by default).
+        at_hub: dict[str, int] = {}
+        while time.monotonic() < deadline + 30 and proc.poll() is None:
+            at_hub = mirrored(tmp_path / "hub" / "hub.db")
+            if set(at_hub) >= DEVICES - {"pi"}:
+                break
+            time.sleep(0.2)
+        assert set(at_hub) >= DEVICES - {"pi"}, at_hub
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         out, _ = proc.communicate(timeout=30)
     finally:
@@ -60,6 +81,7 @@ def test_demo_runs_every_device_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> N
             proc.communicate()
     assert proc.returncode == 0, out
     assert "GoodWe inverter    udp://" in out and "Ctrl-C stops everything." in out
+    assert "hub                http://127.0.0.1:" in out
     assert "Traceback" not in out, out
     config = tmp_path / "site.toml"
     check = subprocess.run(

@@ -234,3 +234,69 @@ def test_outages_and_kills_end_with_the_hub_holding_exactly_the_edge_frames(
                     assert (y is None) == (x is None)
                     continue
                 assert y is not None and abs(x - y) <= f.tol, (device, want.seq, f.name, x, y)
+
+
+def test_frames_evicted_while_the_hub_was_away_are_lost_in_the_hubs_completeness(
+    tmp_path: Path, hub: Hub
+) -> None:
+    from cloud_sync import default_field
+    from edge_runtime.bus import Reading
+    from edge_runtime.store import Store
+
+    schema = DeviceSchema(
+        "meter", "sim", (default_field("p_w", "W", 5.0), default_field("u_v", "V", 0.5))
+    )
+    day = int(time.time() * 1000) // 86_400_000 * 86_400_000
+    t0 = day + 60_000  # all frames within today (UTC), a minute past midnight
+
+    async def fill_and_evict() -> tuple[int, int]:
+        store = await Store.open(tmp_path / "edge.db", max_size_bytes=10**9)
+        try:
+            await store.write(
+                [
+                    Reading(Frame("m1", t0 + i * 100, i + 1, (float(i % 3000), 230.0)), schema)
+                    for i in range(20_000)
+                ]
+            )
+            store.max_size_bytes = await store._size() * 3 // 4  # the card fills up
+            await store.maintain(now_ms=t0 + 3_600_000)
+            return store.stats.evicted_unsynced, store.stats.committed_frames
+        finally:
+            await store.close()
+
+    # The hub is away while the cap is reached: nothing was uploaded, so all evicted are lost.
+    evicted, written = asyncio.run(fill_and_evict())
+    assert evicted > 0
+    hub.start()
+    site = tmp_path / "site.toml"
+    site.write_text(
+        f'[site]\nnode_id = "capped"\n[store]\npath = "edge.db"\n[http]\nenabled = false\n'
+        f'[sync]\nenabled = true\nhub_url = "{hub.url}"\ninterval_s = 0.5\n'
+    )
+    out = run("keygen", "--config", str(site), cwd=tmp_path)
+    public = out.split("public key: ")[1].split()[0]
+    run("hub", "add-node", "--config", str(hub.config), "capped", public, cwd=tmp_path)
+    edge = subprocess.Popen([EXE, "run", "--config", str(site)], cwd=tmp_path)
+    try:
+        left = written - evicted
+        wait_for(lambda: hub.frames("capped") >= left, 60, "the rest reaches the hub")
+
+        def completeness() -> dict[str, int]:
+            r = httpx.get(
+                f"{hub.url}/api/v1/nodes/capped/completeness",
+                params={"day": time.strftime("%Y-%m-%d", time.gmtime(day / 1000))},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                timeout=5,
+            )
+            r.raise_for_status()
+            rows = r.json()
+            return rows[0] if rows else {}
+
+        wait_for(lambda: completeness().get("lost_evicted") == evicted, 60, "losses reported")
+        c = completeness()
+        assert c["device_id"] == "m1"
+        assert c["live"] + c["backfill"] == left
+        assert c["lost_evicted"] + c["live"] + c["backfill"] == written
+    finally:
+        edge.send_signal(signal.SIGINT)
+        assert edge.wait(timeout=30) == 0
