@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -281,7 +282,7 @@ def test_frames_evicted_while_the_hub_was_away_are_lost_in_the_hubs_completeness
         left = written - evicted
         wait_for(lambda: hub.frames("capped") >= left, 60, "the rest reaches the hub")
 
-        def completeness() -> dict[str, int]:
+        def completeness() -> dict[str, Any]:
             r = httpx.get(
                 f"{hub.url}/api/v1/nodes/capped/completeness",
                 params={"day": time.strftime("%Y-%m-%d", time.gmtime(day / 1000))},
