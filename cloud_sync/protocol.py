@@ -22,10 +22,13 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ("BATCHES_PATH", "CONTENT_TYPE", "Ack", "ErrorBody")
+__all__ = ("BATCHES_PATH", "CONTENT_TYPE", "MIN_TS_MS", "Ack", "ErrorBody")
 
 BATCHES_PATH = "/api/v1/batches"
 CONTENT_TYPE = "application/x-protobuf"
+MIN_TS_MS = 946_684_800_000
+"""2000-01-01: a frame stamped earlier comes from a clock that was never set; the hub refuses
+it and the node does not send it."""
 
 
 class Ack(msgspec.Struct, kw_only=True):

@@ -35,7 +35,7 @@ import msgspec
 from .backoff import Backoff
 from .batch import encode
 from .model import DeviceSchema, Frame, NodeStatus
-from .protocol import BATCHES_PATH, CONTENT_TYPE, Ack, ErrorBody
+from .protocol import BATCHES_PATH, CONTENT_TYPE, MIN_TS_MS, Ack, ErrorBody
 from .rollup import DAY_MS
 from .signing import NodeKey, sign
 
@@ -51,9 +51,11 @@ __all__ = (
 
 log = logging.getLogger(__name__)
 
-Key = tuple[int, int]
-"""A frame's place in a device's upload order: (ts_ms, seq)."""
-NO_KEY: Key = (-(2**62), 0)
+Key = int
+"""A frame's place in a device's upload order: its sequence number. Sequence numbers only
+grow (the node numbers frames as it records them), so a clock that steps back or a frame
+stamped in the future never hides frames from the uploader, as timestamps would."""
+NO_KEY: Key = 0
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,8 @@ class UploaderSettings:
     """The node's status rides along at least this often (an empty batch if need be)."""
     timeout_s: float = 30.0
     max_backoff_s: float = 60.0
+    refused_retry_s: float = 60.0
+    """How often to try again while the hub refuses this node (unknown node, wrong key)."""
     drift_warn_ms: int = 60_000
 
 
@@ -274,6 +278,7 @@ class Uploader:
     async def _round(self, client: httpx.AsyncClient, lane: str) -> int:
         """Make and send one batch of the lane; the number of frames it carried."""
         rows: dict[str, list[tuple[Frame, DeviceSchema]]] = {}
+        starts: dict[str, Key] = {}
         limit = self._max_rows[lane]
         for dev in self.source.device_ids():
             st = self.source.state(dev)
@@ -291,15 +296,16 @@ class Uploader:
                 if not st.has_backlog:
                     continue
                 got = await self.source.read(dev, st.acked, st.live_from, limit)
+                starts[dev] = st.acked
                 if not got:  # evicted before upload: the backlog is gone
-                    self._ack_backlog(dev, st.live_from)
+                    self._ack_backlog(dev, st.acked, st.live_from)
                     continue
             if got:
                 rows[dev] = got
         heartbeat = lane == "live" and self.clock() - self._last_status >= self.s.heartbeat_s
         if not rows and not heartbeat:
             return 0
-        await self._send(client, lane, rows, heartbeat)
+        await self._send(client, lane, rows, heartbeat, starts)
         return sum(len(v) for v in rows.values())
 
     async def _send(
@@ -308,6 +314,7 @@ class Uploader:
         lane: str,
         rows: dict[str, list[tuple[Frame, DeviceSchema]]],
         with_status: bool,
+        starts: dict[str, Key],
     ) -> None:
         status = await self._status() if with_status else None
         frames = [f for got in rows.values() for f, _ in got]
@@ -318,10 +325,24 @@ class Uploader:
             if cut < len(got):
                 rows[dev] = got[:cut]
                 schemas[dev] = got[0][1]
-        frames = [f for got in rows.values() for f, _ in got]
+        # A clock that was never set stamps frames in 1970: no hub takes them, and one of
+        # them must not make a whole batch fail. They are counted lost here.
+        unset = [f for got in rows.values() for f, _ in got if f.ts_ms < MIN_TS_MS]
+        if unset:
+            self.source.reject(unset, b"", "stamped before 2000: the clock was not set")
+            self.stats.rejected_frames += len(unset)
+        send = {
+            dev: kept
+            for dev, got in rows.items()
+            if (kept := [(f, s) for f, s in got if f.ts_ms >= MIN_TS_MS])
+        }
+        frames = [f for got in send.values() for f, _ in got]
+        if not frames and status is None:
+            self._advance(lane, rows, starts)
+            return
         while True:
             batch_id = self._next_id()
-            chains = self._chains_for(rows, schemas) if lane == "live" else {}
+            chains = self._chains_for(send, schemas) if lane == "live" else {}
             states: dict[str, bytearray] = {}
             created = self.now_ms()
             batch = encode(
@@ -350,12 +371,12 @@ class Uploader:
             except _Rejected as exc:
                 self.source.reject(frames, body, exc.reason)
                 self.stats.rejected_frames += len(frames)
-                self._advance(lane, rows)
+                self._advance(lane, rows, starts)
                 return
             break
         self._acked(
             lane,
-            rows=rows,
+            rows=send,
             schemas=schemas,
             chains=chains,
             states=states,
@@ -364,6 +385,7 @@ class Uploader:
             batch_id=batch_id,
             created=created,
         )
+        self._advance(lane, rows, starts)
         if status is not None:
             self._last_status = self.clock()
 
@@ -423,7 +445,7 @@ class Uploader:
                 log.error("sync: the hub refuses this node: %s", why)
             self.stats.state = "refused"
             self.stats.last_error = why
-            raise _Retry(max(30.0, self.s.max_backoff_s), True, why)
+            raise _Retry(self.s.refused_retry_s, True, why)
         log.error("sync: the hub refused a %s batch for good: %s", lane, why)
         raise _Rejected(why)
 
@@ -484,11 +506,15 @@ class Uploader:
                     )
                 else:
                     self._chains.pop(dev, None)
-        self._advance(lane, rows)
 
-    def _advance(self, lane: str, rows: dict[str, list[tuple[Frame, DeviceSchema]]]) -> None:
+    def _advance(
+        self,
+        lane: str,
+        rows: dict[str, list[tuple[Frame, DeviceSchema]]],
+        starts: dict[str, Key],
+    ) -> None:
         for dev, got in rows.items():
-            last = (got[-1][0].ts_ms, got[-1][0].seq)
+            last = max(f.seq for f, _ in got)
             st = self.source.state(dev)
             if lane == "live":
                 st = SyncState(st.acked, st.live_from, max(st.live_acked, last))
@@ -496,10 +522,14 @@ class Uploader:
                     st = SyncState(st.live_acked, st.live_acked, st.live_acked)
                 self.source.set_state(dev, st)
             else:
-                self._ack_backlog(dev, last)
+                self._ack_backlog(dev, starts[dev], last)
 
-    def _ack_backlog(self, dev: str, last: Key) -> None:
+    def _ack_backlog(self, dev: str, start: Key, last: Key) -> None:
+        """The hub holds the backlog from ``start`` up to ``last``; unless a frame arrived
+        below ``start`` meanwhile (the store moved the watermark back: it goes next)."""
         st = self.source.state(dev)
+        if st.acked != start:
+            return
         acked = max(st.acked, last)
         if acked >= st.live_from:
             top = max(acked, st.live_acked)

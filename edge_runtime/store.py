@@ -80,6 +80,11 @@ CREATE TABLE IF NOT EXISTS frames (
     synced INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (dev, ts_ms, seq)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS frames_by_seq ON frames (dev, seq);
+CREATE TABLE IF NOT EXISTS seq_floor (
+    dev INTEGER PRIMARY KEY,
+    seq INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rollups (
     dev INTEGER NOT NULL,
     res_ms INTEGER NOT NULL,
@@ -401,6 +406,12 @@ class Store:
         roll_cut = now - self.rollup_retention_ms
 
         async with self._transaction() as db:
+            # Sequence numbers go on after the frames that held them are deleted: the hub
+            # takes a sequence number it holds for a frame it has (see last_seq).
+            await db.execute(
+                "INSERT INTO seq_floor SELECT dev, max(seq) FROM frames WHERE true GROUP BY dev"
+                " ON CONFLICT(dev) DO UPDATE SET seq = max(seq, excluded.seq)"
+            )
             cur = await db.execute("DELETE FROM frames WHERE ts_ms < ?", (raw_cut,))
             expired = cur.rowcount
             await db.execute("DELETE FROM rollups WHERE bucket_ms < ?", (roll_cut,))
@@ -424,9 +435,8 @@ class Store:
                     continue
                 cur = await db.execute(
                     "DELETE FROM frames WHERE (dev, ts_ms, seq) IN (SELECT dev, ts_ms, seq"
-                    " FROM frames WHERE dev = ? AND (ts_ms, seq) <= (?, ?) ORDER BY ts_ms"
-                    " LIMIT ?)",
-                    (self._devs[device_id], *st.acked, n - total),
+                    " FROM frames WHERE dev = ? AND seq <= ? ORDER BY ts_ms LIMIT ?)",
+                    (self._devs[device_id], st.acked, n - total),
                 )
                 total += cur.rowcount
             synced = total
@@ -441,7 +451,7 @@ class Store:
                 lost: dict[tuple[int, int], int] = {}
                 for dev, ts, seq in victims:
                     state = self.sync.get(by_dev.get(dev, ""))
-                    if state is not None and state.synced((ts, seq)):
+                    if state is not None and state.synced(seq):
                         synced += 1
                     else:
                         k = (dev, ts // DAY_MS * DAY_MS)
@@ -533,23 +543,28 @@ class Store:
         return sorted(self._devs)
 
     async def last_seq(self) -> dict[str, int]:
-        """The highest stored sequence number per device (seq numbering resumes after it)."""
+        """The highest sequence number each device has used, stored or since deleted
+        (numbering resumes after it, so no number is ever used twice)."""
         out: dict[str, int] = {}
         for device_id, dev in self._devs.items():
-            async with self._db.execute("SELECT max(seq) FROM frames WHERE dev = ?", (dev,)) as c:
+            async with self._db.execute(
+                "SELECT max(coalesce((SELECT max(seq) FROM frames WHERE dev = ?), 0),"
+                " coalesce((SELECT seq FROM seq_floor WHERE dev = ?), 0))",
+                (dev, dev),
+            ) as c:
                 row = await c.fetchone()
-            if row is not None and row[0] is not None:
+            if row is not None and row[0]:
                 out[device_id] = int(row[0])
         return out
 
 
 def _pack_sync(st: SyncState) -> bytes:
-    return array("q", [*st.acked, *st.live_from, *st.live_acked]).tobytes()
+    return array("q", [st.acked, st.live_from, st.live_acked]).tobytes()
 
 
 def _unpack_sync(blob: bytes) -> SyncState:
     a = array("q", blob)
-    return SyncState((a[0], a[1]), (a[2], a[3]), (a[4], a[5]))
+    return SyncState(a[0], a[1], a[2])
 
 
 async def _bump(db: aiosqlite.Connection, name: str, n: int) -> None:
@@ -616,15 +631,15 @@ class Reader:
     def frames_after(
         self, device_id: str, after: Key, upto: Key | None, limit: int
     ) -> list[tuple[Frame, DeviceSchema]]:
-        """Up to ``limit`` frames of a device with after < (ts_ms, seq) <= upto, in that order."""
+        """Up to ``limit`` frames of a device with after < seq <= upto, in seq order."""
         schemas = self.schemas()
-        hi = upto if upto is not None else (2**62, 2**62)
+        hi = upto if upto is not None else 2**62
         with contextlib.closing(self._connect()) as conn:
             rows = conn.execute(
                 "SELECT f.ts_ms, f.seq, f.schema_id, f.vals FROM frames f JOIN devices d"
-                " ON d.dev = f.dev WHERE d.device_id = ? AND (f.ts_ms, f.seq) > (?, ?)"
-                " AND (f.ts_ms, f.seq) <= (?, ?) ORDER BY f.ts_ms, f.seq LIMIT ?",
-                (device_id, *after, *hi, limit),
+                " ON d.dev = f.dev WHERE d.device_id = ? AND f.seq > ? AND f.seq <= ?"
+                " ORDER BY f.seq LIMIT ?",
+                (device_id, after, hi, limit),
             ).fetchall()
         return [
             (Frame(device_id, t, q, unpack_values(v)), schemas[sid][1]) for t, q, sid, v in rows
@@ -633,25 +648,24 @@ class Reader:
     def count_after(
         self, device_id: str, after: Key, upto: Key | None = None
     ) -> tuple[int, int | None]:
-        """(frames, oldest ts) of a device with after < (ts_ms, seq) <= upto."""
-        hi = upto if upto is not None else (2**62, 2**62)
+        """(frames, oldest ts) of a device with after < seq <= upto."""
+        hi = upto if upto is not None else 2**62
         with contextlib.closing(self._connect()) as conn:
             row = conn.execute(
                 "SELECT count(*), min(f.ts_ms) FROM frames f JOIN devices d ON d.dev = f.dev"
-                " WHERE d.device_id = ? AND (f.ts_ms, f.seq) > (?, ?)"
-                " AND (f.ts_ms, f.seq) <= (?, ?)",
-                (device_id, *after, *hi),
+                " WHERE d.device_id = ? AND f.seq > ? AND f.seq <= ?",
+                (device_id, after, hi),
             ).fetchone()
         return (int(row[0]), row[1]) if row else (0, None)
 
     def newest_key(self, device_id: str) -> Key | None:
         with contextlib.closing(self._connect()) as conn:
             row = conn.execute(
-                "SELECT f.ts_ms, f.seq FROM frames f JOIN devices d ON d.dev = f.dev"
-                " WHERE d.device_id = ? ORDER BY f.ts_ms DESC, f.seq DESC LIMIT 1",
+                "SELECT max(f.seq) FROM frames f JOIN devices d ON d.dev = f.dev"
+                " WHERE d.device_id = ?",
                 (device_id,),
             ).fetchone()
-        return (int(row[0]), int(row[1])) if row else None
+        return int(row[0]) if row and row[0] is not None else None
 
     def losses(self) -> list[tuple[str, int, int, int]]:
         """(device id, day, evicted, rejected) running totals."""

@@ -34,7 +34,7 @@ from cloud_sync.batch import (
     decode_columns,
     parse,
 )
-from cloud_sync.protocol import Ack, ErrorBody
+from cloud_sync.protocol import MIN_TS_MS, Ack, ErrorBody
 from cloud_sync.rollup import DAY_MS, HOUR_MS, MINUTE_MS, bucket_blobs, merge_blobs
 from cloud_sync.signing import SignatureError, open_signed, verify
 
@@ -45,7 +45,6 @@ __all__ = ("MAX_CHAIN", "MIN_TS_MS", "IngestError", "IngestStats", "Ingestor")
 
 log = logging.getLogger(__name__)
 
-MIN_TS_MS = 946_684_800_000  # 2000-01-01: anything older is a clock that was never set
 MAX_CHAIN = 4096  # blocks in one chain; the edge starts a keyframe long before
 LIVE_MS = 60_000  # a frame sent within a minute of its reading (node clock) arrived live
 _STATE_CACHE = 4096  # (node, device) chain states kept per hub process

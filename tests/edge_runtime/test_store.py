@@ -106,8 +106,7 @@ async def test_size_cap_evicts_synced_first_and_counts(tmp_path: Path) -> None:
     store = await Store.open(path, max_size_bytes=10**9)
     try:
         await store.write([reading(i + 1, T0 + i * 100, float(i)) for i in range(20_000)])
-        key = (T0 + 4999 * 100, 5000)
-        store.set_sync("m1", SyncState(key, key, key))  # the hub holds seq 1..5000
+        store.set_sync("m1", SyncState(5000, 5000, 5000))  # the hub holds seq 1..5000
         await store.write([])
         size = await store._size()
         store.max_size_bytes = size * 3 // 4
@@ -167,3 +166,20 @@ async def test_dead_letters_are_kept(tmp_path: Path) -> None:
         "not JSON",
         b"{not json",
     )
+
+
+async def test_sequence_numbers_never_repeat_after_their_frames_are_gone(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    store = await Store.open(path, raw_retention_days=1)
+    try:
+        await store.write([reading(i + 1, T0 + i * 100, float(i)) for i in range(100)])
+        await store.maintain(now_ms=T0 + 3 * 86_400_000)  # every frame expires
+        assert Reader(path).newest_key("m1") is None
+    finally:
+        await store.close()
+    store = await Store.open(path)
+    try:
+        # The hub holds 1..100 by sequence number: a restarted node must go on at 101.
+        assert await store.last_seq() == {"m1": 100}
+    finally:
+        await store.close()

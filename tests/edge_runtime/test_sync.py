@@ -1,0 +1,142 @@
+"""The edge's uploader against a real hub process: a node the hub does not know is reported
+and retried, never hammered; a batch the hub refuses for good goes to the dead letters, its
+frames are counted lost, and the frames after it still go."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import time
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloud_sync import DeviceSchema, Frame, default_field
+from cloud_sync.signing import NodeKey
+from cloud_sync.uploader import Uploader, UploaderSettings
+from edge_runtime.bus import Reading
+from edge_runtime.runtime import Runtime
+from edge_runtime.store import Reader, Store
+from edge_runtime.sync import StoreSource
+from tests.hub_lite.test_sync_e2e import Hub, run
+
+SCHEMA = DeviceSchema(
+    "meter", "sim", (default_field("power_w", "W", 5.0), default_field("voltage_v", "V", 0.5))
+)
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    cfg = tmp_path / "hub.toml"
+    cfg.write_text('[storage]\nurl = "sqlite:///hub.db"\n')
+    h = Hub(cfg)
+    h.start()
+    try:
+        yield h
+    finally:
+        h.stop(signal.SIGKILL)
+
+
+async def until(cond: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def _hub_seqs(db: Path) -> list[int]:
+    """Sequence numbers the hub holds (its own database, read-only)."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT held FROM devices WHERE node_id = 'e1'").fetchall()
+    out: list[int] = []
+    for (held,) in rows:
+        a = array("q", held)
+        for i in range(0, len(a), 2):
+            out.extend(range(a[i], a[i + 1] + 1))
+    return out
+
+
+def readings(seqs: range, t0: int) -> list[Reading]:
+    return [Reading(Frame("m", t0 + s * 1000, s, (float(s), 230.0)), SCHEMA) for s in seqs]
+
+
+async def test_unknown_node_then_registered_and_a_rejected_batch(tmp_path: Path, hub: Hub) -> None:
+    store = await Store.open(tmp_path / "edge.db")
+    key = NodeKey.generate()
+    try:
+        now = int(time.time() * 1000)
+        await store.write(readings(range(1, 101), now - 200_000))
+        runtime = Runtime(store)
+        settings = UploaderSettings(
+            url=hub.url, node_id="e1", interval_s=0.2, max_rows=50, refused_retry_s=0.5
+        )
+        up = Uploader(StoreSource(runtime), key, settings)
+        expected = [*range(1, 101), *range(121, 161)]
+
+        def hub_seqs() -> list[int]:
+            return _hub_seqs(tmp_path / "hub.db")
+
+        task = asyncio.create_task(up.run())
+        try:
+            await until(lambda: up.stats.state == "refused", 20, "refused as unknown")
+            assert "unknown_node" in (up.stats.last_error or "")
+            assert up.stats.batches == 0
+            run("hub", "add-node", "--config", str(hub.config), "e1", key.public_text, cwd=tmp_path)
+            await until(lambda: up.stats.frames >= 100, 30, "uploads once registered")
+            assert up.stats.state == "ok"
+            # Frames stamped before 2000 (a clock never set) are not sent; counted lost.
+            await store.write(readings(range(101, 111), 100_000))
+            await until(lambda: up.stats.rejected_frames == 10, 30, "unset clock counted")
+            # Frames two days ahead are refused by the hub for good: dead-lettered, counted.
+            await store.write(readings(range(111, 121), now + 2 * 86_400_000))
+            await until(lambda: up.stats.rejected_frames == 20, 30, "the bad batch dead-lettered")
+            # The clock steps back a day: those frames sort below the watermark, and go all
+            # the same; so do the frames after them.
+            await store.write(readings(range(121, 141), now - 86_400_000))
+            await store.write(readings(range(141, 161), now + 10_000))
+            await until(lambda: hub_seqs() == expected, 30, "every good frame at the hub")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await store.write([])  # the writer's queued counts
+        reader = Reader(tmp_path / "edge.db")
+        assert sum(rej for _, _, _, rej in reader.losses()) == 20
+        reasons = sorted(r for _, source, _, r, _ in reader.dead_letters() if source == "sync")
+        assert len(reasons) == 2
+        assert "bad_timestamp" in reasons[0] and "clock was not set" in reasons[1]
+        st = store.sync["m"]
+        assert st.acked == st.live_from == st.live_acked  # no backlog left
+    finally:
+        await store.close()
+
+
+async def test_live_batches_chain_on_the_state_the_hub_confirmed(tmp_path: Path, hub: Hub) -> None:
+    store = await Store.open(tmp_path / "edge.db")
+    key = NodeKey.generate()
+    run("hub", "add-node", "--config", str(hub.config), "e1", key.public_text, cwd=tmp_path)
+    try:
+        settings = UploaderSettings(url=hub.url, node_id="e1", interval_s=0.1)
+        up = Uploader(StoreSource(Runtime(store)), key, settings)
+        task = asyncio.create_task(up.run())
+        try:
+            now = int(time.time() * 1000)
+            for i in range(30):
+                await store.write(readings(range(5 * i + 1, 5 * i + 6), now - 10_000 + 200 * i))
+                up.poke()
+                target = 5 * i + 5
+                await until(lambda t=target: up.stats.frames >= t, 10, "each write uploaded")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        # One keyframe, then every live batch continues the one before.
+        assert up.stats.keyframes == 1, (up.stats.keyframes, up.stats.chained)
+        assert up.stats.chained >= 25
+        assert _hub_seqs(tmp_path / "hub.db") == list(range(1, 151))
+    finally:
+        await store.close()
