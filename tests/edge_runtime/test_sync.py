@@ -12,6 +12,7 @@ from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cloud_sync import DeviceSchema, Frame, default_field
@@ -21,6 +22,7 @@ from edge_runtime.bus import Reading
 from edge_runtime.runtime import Runtime
 from edge_runtime.store import Reader, Store
 from edge_runtime.sync import StoreSource
+from hub_lite.storage import make_storage
 from tests.hub_lite.test_sync_e2e import Hub, run
 
 SCHEMA = DeviceSchema(
@@ -140,3 +142,36 @@ async def test_live_batches_chain_on_the_state_the_hub_confirmed(tmp_path: Path,
         assert _hub_seqs(tmp_path / "hub.db") == list(range(1, 151))
     finally:
         await store.close()
+
+
+async def test_heartbeat_without_frames_and_clock_drift_flagged(tmp_path: Path, hub: Hub) -> None:
+    store = await Store.open(tmp_path / "edge.db")
+    key = NodeKey.generate()
+    run("hub", "add-node", "--config", str(hub.config), "e1", key.public_text, cwd=tmp_path)
+    try:
+        settings = UploaderSettings(url=hub.url, node_id="e1", interval_s=0.1, heartbeat_s=0.5)
+        # This node's clock runs 2 minutes fast.
+        up = Uploader(StoreSource(Runtime(store)), key, settings, clock=lambda: time.time() + 120)
+        task = asyncio.create_task(up.run())
+        try:
+            await until(lambda: up.stats.batches >= 3, 20, "heartbeats with no frames")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert up.stats.frames == 0
+        assert up.stats.drift_ms is not None and 115_000 < up.stats.drift_ms < 125_000
+        assert up.stats.drift_flagged
+        r = httpx.get(f"{hub.url}/health", timeout=5)
+        assert r.status_code == 200
+    finally:
+        await store.close()
+
+    async def node() -> tuple[int, int | None, str | None]:
+        async with make_storage(f"sqlite:///{tmp_path / 'hub.db'}") as st:
+            rec = await st.node("e1")
+            assert rec is not None
+            return rec.batches, rec.drift_ms, rec.status.software_version if rec.status else None
+
+    batches, drift, version = await node()
+    assert batches >= 3 and version  # the status rode along
+    assert drift is not None and drift > 60_000
