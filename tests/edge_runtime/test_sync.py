@@ -175,3 +175,55 @@ async def test_heartbeat_without_frames_and_clock_drift_flagged(tmp_path: Path, 
     batches, drift, version = await node()
     assert batches >= 3 and version  # the status rode along
     assert drift is not None and drift > 60_000
+
+
+def test_gridlet_sync_status_reads_the_running_edge(tmp_path: Path, hub: Hub) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).with_name("gridlet"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    site = tmp_path / "site.toml"
+    site.write_text(
+        f'[site]\nnode_id = "st1"\n[store]\npath = "edge.db"\n'
+        f'[http]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[sync]\nenabled = true\nhub_url = "{hub.url}"\ninterval_s = 0.5\n'
+        '[[devices]]\nid = "a"\nkind = "synthetic"\nfields = 5\ninterval_s = 0.2\n'
+    )
+    out = subprocess.run(
+        [exe, "keygen", "--config", str(site)], capture_output=True, text=True, check=True
+    ).stdout
+    public = out.split("public key: ")[1].split()[0]
+    run("hub", "add-node", "--config", str(hub.config), "st1", public, cwd=tmp_path)
+    edge = subprocess.Popen([exe, "run", "--config", str(site)], cwd=tmp_path)
+    try:
+
+        def status() -> str:
+            r = subprocess.run(
+                [exe, "sync", "status", "--config", str(site)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            return r.stdout if r.returncode == 0 else ""
+
+        deadline = time.monotonic() + 30
+        text = status()
+        while "ok" not in text.split("state", 1)[-1].split("\n", 1)[0]:
+            assert time.monotonic() < deadline, text
+            time.sleep(0.3)
+            text = status()
+        assert hub.url in text and "backlog" in text and "frames/s" in text
+    finally:
+        edge.send_signal(signal.SIGINT)
+        assert edge.wait(timeout=30) == 0
+    off = tmp_path / "off.toml"
+    off.write_text('[site]\nnode_id = "x"\n')
+    r = subprocess.run(
+        [exe, "sync", "status", "--config", str(off)], capture_output=True, text=True, check=False
+    )
+    assert r.returncode != 0 and "sync is not enabled" in r.stderr
