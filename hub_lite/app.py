@@ -16,7 +16,7 @@ import importlib.metadata
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime
 from typing import Annotated, Any
@@ -37,7 +37,7 @@ from . import metrics
 from .config import HubConfig
 from .ingest import IngestError, Ingestor
 from .read import read_frames
-from .storage import NodeRecord, Storage
+from .storage import DeviceRecord, NodeRecord, Storage
 
 __all__ = (
     "CompletenessDay",
@@ -107,6 +107,12 @@ class NodeInfo(msgspec.Struct):
     body_bytes: int
     devices: list[dict[str, Any]]
     """Per device as the node reports it: online, last seen, error counters."""
+    frames: int
+    """Frames the hub holds of this node."""
+    bits_per_value: float | None
+    """Coded bits on the wire per value, over all the node's devices."""
+    json_ratio: float | None
+    """How many times smaller than the same frames as JSON lines."""
 
 
 class CompletenessDay(msgspec.Struct):
@@ -135,8 +141,12 @@ class HealthResponse(msgspec.Struct):
     codec: str
 
 
-def _node_info(rec: NodeRecord, now_ms: int, drift_warn_ms: int) -> NodeInfo:
+def _node_info(
+    rec: NodeRecord, devices: Sequence[DeviceRecord], now_ms: int, drift_warn_ms: int
+) -> NodeInfo:
     st = rec.status
+    values = sum(d.values for d in devices)
+    wire = sum(d.wire_bytes for d in devices)
     online = rec.last_seen_ms is not None and now_ms - rec.last_seen_ms < 120_000
     return NodeInfo(
         node_id=rec.node_id,
@@ -152,6 +162,9 @@ def _node_info(rec: NodeRecord, now_ms: int, drift_warn_ms: int) -> NodeInfo:
         batches=rec.batches,
         body_bytes=rec.body_bytes,
         devices=[msgspec.to_builtins(d) for d in st.devices] if st else [],
+        frames=sum(d.frames for d in devices),
+        bits_per_value=8 * wire / values if values else None,
+        json_ratio=sum(d.json_bytes for d in devices) / wire if wire else None,
     )
 
 
@@ -214,7 +227,10 @@ def create_app(storage: Storage, cfg: HubConfig, *, open_storage: bool = True) -
     @get("/api/v1/nodes", tags=["nodes"], before_request=admin)
     async def list_nodes() -> list[NodeInfo]:
         now = ingestor.now_ms()
-        return [_node_info(n, now, drift_warn_ms) for n in await storage.nodes()]
+        return [
+            _node_info(n, await storage.devices(n.node_id), now, drift_warn_ms)
+            for n in await storage.nodes()
+        ]
 
     async def _node(node_id: str) -> NodeRecord:
         rec = await storage.node(node_id)
@@ -224,7 +240,9 @@ def create_app(storage: Storage, cfg: HubConfig, *, open_storage: bool = True) -
 
     @get("/api/v1/nodes/{node_id:str}", tags=["nodes"], before_request=admin)
     async def one_node(node_id: str) -> NodeInfo:
-        return _node_info(await _node(node_id), ingestor.now_ms(), drift_warn_ms)
+        rec = await _node(node_id)
+        devices = await storage.devices(node_id)
+        return _node_info(rec, devices, ingestor.now_ms(), drift_warn_ms)
 
     @get("/api/v1/nodes/{node_id:str}/devices", tags=["nodes"], before_request=admin)
     async def node_devices(node_id: str) -> list[DeviceInfo]:

@@ -78,6 +78,7 @@ def test_api(tmp_path: Path, hub: Hub) -> None:
     assert n["online"] and n["software_version"] == "9.9.9" and n["backlog_frames"] == 7
     assert 110_000 < n["drift_ms"] < 130_000 and n["drift_flagged"]
     assert n["devices"][0]["device_id"] == "m"
+    assert n["frames"] == 60 and 0 < n["bits_per_value"] < 16 and n["json_ratio"] > 5
 
     devices = httpx.get(f"{hub.url}/api/v1/nodes/n1/devices", headers=AUTH, timeout=5).json()
     (d,) = devices

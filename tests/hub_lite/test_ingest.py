@@ -213,3 +213,34 @@ async def test_retention_drops_old_raw_days_and_keeps_recent(
     assert [f.seq for f in got] == list(range(21, 41))
     # Rollups are kept far longer than raw frames.
     assert await storage.rollups(NODE, "m", 60_000, old - 60_000, old + 86_400_000)
+
+
+async def test_rollups_are_the_edges_code_over_the_values_the_hub_holds(
+    storage: Storage, key: NodeKey
+) -> None:
+    from array import array
+
+    from cloud_sync.rollup import HOUR_MS, MINUTE_MS, bucket_blobs, merge_blobs
+
+    ing = ingestor(storage)
+    # 150 frames a second apart, in three batches that split minutes between them.
+    for b, start in enumerate((0, 45, 100), start=1):
+        n = {0: 45, 45: 55, 100: 50}[start]
+        await ing.ingest(body(key, b, frames(start, n)))
+    held = await read_frames(storage, NODE, "m", 0, 2**62)
+    ts = array("q", [f.ts_ms for f in held])
+    cols = [[f.values[j] for f in held] for j in range(2)]
+    assert all(v is not None for col in cols for v in col)
+    flat = array("d", [float(v or 0.0) for col in cols for v in col])  # column-major
+    want = dict(bucket_blobs(ts, flat, 2, MINUTE_MS))
+    got = {b: s for b, _, s in await storage.rollups(NODE, "m", MINUTE_MS, 0, 2**62)}
+    assert set(got) == set(want)
+    for bucket, blob in want.items():
+        a, b2 = array("d", got[bucket]), array("d", blob)
+        assert a[0::4] == b2[0::4] and a[1::4] == b2[1::4] and a[3::4] == b2[3::4]  # n/min/max
+        for x, y in zip(a[2::4], b2[2::4], strict=True):  # avg: pieces merged, last bits aside
+            assert abs(x - y) <= 1e-9 * max(1.0, abs(y))
+    hours = {b: s for b, _, s in await storage.rollups(NODE, "m", HOUR_MS, 0, 2**62)}
+    for hour, blob in hours.items():
+        minutes = [got[m] for m in sorted(got) if hour <= m < hour + HOUR_MS]
+        assert blob == merge_blobs(minutes, 2)
