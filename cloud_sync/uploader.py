@@ -152,6 +152,8 @@ class SyncStats:
     rejected_frames: int = 0
     keyframes: int = 0
     chained: int = 0
+    chains_refused: int = 0
+    """Chained batches the hub could not continue (sent again as keyframes)."""
     lag_ms: deque[int] = field(default_factory=lambda: deque(maxlen=10_000))
     """Per acknowledged live frame: acknowledgement time minus reading time."""
     _rate: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=120))
@@ -360,6 +362,8 @@ class Uploader:
             try:
                 ack = await self._post(client, body, lane)
             except _Rebuild as exc:
+                if exc.devices:
+                    self.stats.chains_refused += 1
                 for dev in exc.devices:
                     self._chains.pop(dev, None)
                 if exc.schemas:

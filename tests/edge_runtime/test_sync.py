@@ -227,3 +227,90 @@ def test_gridlet_sync_status_reads_the_running_edge(tmp_path: Path, hub: Hub) ->
         [exe, "sync", "status", "--config", str(off)], capture_output=True, text=True, check=False
     )
     assert r.returncode != 0 and "sync is not enabled" in r.stderr
+
+
+async def test_live_frames_flow_while_a_backlog_drains_oldest_first(
+    tmp_path: Path, hub: Hub
+) -> None:
+    store = await Store.open(tmp_path / "edge.db")
+    key = NodeKey.generate()
+    run("hub", "add-node", "--config", str(hub.config), "e1", key.public_text, cwd=tmp_path)
+    try:
+        now = int(time.time() * 1000)
+        # An outage's worth of frames, stored while no hub was there.
+        await store.write(readings(range(1, 30_001), now - 40_000_000))
+        settings = UploaderSettings(url=hub.url, node_id="e1", interval_s=0.2, max_rows=100)
+        up = Uploader(StoreSource(Runtime(store)), key, settings)
+        task = asyncio.create_task(up.run())
+        try:
+            # What was stored before the uploader started is the backlog.
+            await until(
+                lambda: "m" in store.sync and store.sync["m"].live_from == 30_000,
+                10,
+                "backlog set aside",
+            )
+            seq = 30_000
+            for _ in range(10):  # new readings keep coming, and reach the hub at once
+                await store.write(readings(range(seq + 1, seq + 3), now - 30_000_000))
+                seq += 2
+                up.poke()
+                await until(
+                    lambda s=seq: s in set(_hub_seqs(tmp_path / "hub.db")), 10, "live frame"
+                )
+            held = _hub_seqs(tmp_path / "hub.db")
+            backlog = [s for s in held if s <= 30_000]
+            assert len(backlog) < 30_000, "live frames waited for the whole backlog"
+            assert backlog == list(range(1, len(backlog) + 1)), "the backlog goes oldest first"
+            await until(lambda: len(_hub_seqs(tmp_path / "hub.db")) == seq, 120, "all drained")
+            await until(lambda: store.sync["m"].acked == seq, 10, "the node knows")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        st = store.sync["m"]
+        assert st.acked == st.live_from == st.live_acked == seq
+    finally:
+        await store.close()
+
+
+async def test_a_chain_the_hub_cannot_continue_falls_back_to_a_keyframe(
+    tmp_path: Path, hub: Hub
+) -> None:
+    store = await Store.open(tmp_path / "edge.db")
+    key = NodeKey.generate()
+    run("hub", "add-node", "--config", str(hub.config), "e1", key.public_text, cwd=tmp_path)
+    try:
+        up = Uploader(
+            StoreSource(Runtime(store)),
+            key,
+            UploaderSettings(url=hub.url, node_id="e1", interval_s=0.1),
+        )
+        task = asyncio.create_task(up.run())
+        try:
+            now = int(time.time() * 1000)
+            seq = 0
+            for _ in range(5):
+                await store.write(readings(range(seq + 1, seq + 6), now - 60_000))
+                seq += 5
+                up.poke()
+                await until(lambda s=seq: up.stats.frames >= s, 10, "uploaded")
+            assert up.stats.chained >= 3
+            # The hub loses its copy of the last blocks (restored from an older backup, say)
+            # and restarts: it holds no state to continue from.
+            hub.stop()
+            with sqlite3.connect(tmp_path / "hub.db") as conn:
+                conn.execute(
+                    "DELETE FROM blocks WHERE batch_id = (SELECT max(batch_id) FROM blocks)"
+                )
+            hub.start()
+            for _ in range(3):
+                await store.write(readings(range(seq + 1, seq + 6), now - 30_000))
+                seq += 5
+                up.poke()
+                await until(lambda s=seq: up.stats.frames >= s, 30, "uploaded after the restart")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert up.stats.chains_refused >= 1
+        assert set(range(26, seq + 1)) <= set(_hub_seqs(tmp_path / "hub.db"))
+    finally:
+        await store.close()
