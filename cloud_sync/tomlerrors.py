@@ -10,9 +10,21 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ("format_path", "line_of", "locate", "parse_toml", "read_text", "split_error")
+import msgspec
+
+__all__ = (
+    "decode_toml",
+    "format_path",
+    "line_of",
+    "locate",
+    "parse_toml",
+    "read_text",
+    "split_error",
+)
+
+T = TypeVar("T")
 
 _TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
 
@@ -98,3 +110,12 @@ def locate(message: str, text: str, filename: str) -> str:
     line = line_of(text, parts)
     where = f"{filename}:{line}" if line else filename
     return f"{where}: {key}: {msg}" if key else f"{where}: {msg}"
+
+
+def decode_toml(text: str, filename: str, into: type[T], error: type[Exception]) -> T:
+    """A TOML document decoded strictly into ``into``; ``error`` naming file, line and key."""
+    raw = parse_toml(text, filename, error)
+    try:
+        return msgspec.convert(raw, into, strict=True)
+    except msgspec.ValidationError as exc:
+        raise error(locate(str(exc), text, filename)) from exc

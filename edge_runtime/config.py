@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from cloud_sync.tomlerrors import locate, parse_toml, read_text
+from cloud_sync.tomlerrors import decode_toml, read_text
 
 __all__ = (
     "ConfigError",
@@ -213,8 +213,4 @@ def load_config(path: str | Path) -> SiteConfig:
 
 
 def parse_config(text: str, filename: str = "<config>") -> SiteConfig:
-    raw = parse_toml(text, filename, ConfigError)
-    try:
-        return msgspec.convert(raw, SiteConfig, strict=True)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(locate(str(exc), text, filename)) from exc
+    return decode_toml(text, filename, SiteConfig, ConfigError)

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import msgspec
 
-from cloud_sync.tomlerrors import locate, parse_toml, read_text
+from cloud_sync.tomlerrors import decode_toml, read_text
 
 __all__ = (
     "HubConfig",
@@ -95,8 +95,4 @@ def load_hub_config(path: str | Path) -> HubConfig:
 
 
 def parse_hub_config(text: str, filename: str = "<hub config>") -> HubConfig:
-    raw = parse_toml(text, filename, HubConfigError)
-    try:
-        return msgspec.convert(raw, HubConfig, strict=True)
-    except msgspec.ValidationError as exc:
-        raise HubConfigError(locate(str(exc), text, filename)) from exc
+    return decode_toml(text, filename, HubConfig, HubConfigError)
