@@ -11,7 +11,7 @@ BUILD_REQS := "setuptools>=69" wheel "Cython>=3.3,<3.4" "grpcio-tools>=1.85,<1.8
 WEBUI_VENDOR := webui/static/vendor/uPlot.iife.min.js
 BUILD_INPUTS := pyproject.toml setup.py predictor_ext/_codec.py predictor_ext/_codec.pxd $(wildcard proto/*.proto)
 
-.PHONY: all setup sysdeps testdeps test lint typecheck pytest bench bench-codec bench-edge bench-dashboard demo clean
+.PHONY: all setup sysdeps testdeps test lint typecheck pytest bench bench-codec bench-edge bench-dashboard bench-sync demo clean
 
 all: test
 
@@ -66,10 +66,14 @@ pytest: $(STAMP) testdeps
 
 test: lint typecheck pytest
 
-bench: bench-codec bench-edge bench-dashboard
+bench: bench-codec bench-edge bench-dashboard bench-sync
 
 bench-dashboard: $(STAMP) testdeps
 	$(BIN)/python -m bench.dashboard
+
+# Hubs on SQLite and on a PostgreSQL server of its own (testdeps installs it), edges syncing.
+bench-sync: $(STAMP) testdeps
+	$(BIN)/python -m bench.sync
 
 bench-edge: $(STAMP)
 	$(BIN)/python -m bench.edge
