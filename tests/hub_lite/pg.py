@@ -292,9 +292,15 @@ class PostgresServer:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise PostgresServerError(f"{shlex.join(argv)} failed: {exc}") from exc
         if proc.returncode != 0:
+            hint = ""
+            if self._run_as is not None and "Permission denied" in proc.stderr:
+                hint = (
+                    f"\nthe {self._run_as!r} user cannot reach the PostgreSQL binaries: is / or"
+                    " a folder above them mode 0700 (a chroot made in a `mktemp -d` folder)?"
+                )
             raise PostgresServerError(
                 f"{shlex.join(argv)} exited with {proc.returncode}:\n{proc.stdout}{proc.stderr}"
-                f"\n--- server log ---\n{self.log()}"
+                f"{hint}\n--- server log ---\n{self.log()}"
             )
 
     def _initdb(self) -> None:
