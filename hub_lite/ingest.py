@@ -385,7 +385,9 @@ class Ingestor:
                 duplicate = True
             else:
                 duplicate = False
-                for d in decoded:
+                # Devices in one order in every transaction: two batches of one node never
+                # wait on each other's device locks in a cycle (a deadlock on PostgreSQL).
+                for d in sorted(decoded, key=lambda d: d.header.device_id):
                     new, chain = await self._store_block(tx, node_id, parsed, d)
                     new_total += new
                     if chain is not None:
