@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import click
 
+from cloud_sync.listen import listen
 from cloud_sync.signing import KeyFileError, load_public_key, public_key_text
 
 from .config import HubConfig, HubConfigError, load_hub_config
@@ -58,36 +63,102 @@ def hub() -> None:
 @click.option("--port", type=click.IntRange(0, 65535), help="Port (default: hub.port; 0: free).")
 @click.option("--workers", type=click.IntRange(1, 64), help="Processes (default: hub.workers).")
 def serve(config: str, host: str | None, port: int | None, workers: int | None) -> None:
-    """Serve the hub until Ctrl-C; prints the URL once listening."""
-    import uvicorn
-    from uvicorn.supervisors import Multiprocess
+    """Serve the hub until Ctrl-C; prints the URL once listening.
 
+    Several workers each listen on the port with SO_REUSEPORT, so the kernel spreads
+    connections over them (a shared socket lets the first worker to wake take them all)."""
     cfg = _load(config)
     n = workers or cfg.hub.workers
     if n > 1 and cfg.storage.url.startswith("sqlite"):
         raise click.ClickException("several workers need PostgreSQL (SQLite has one writer)")
-    os.environ[_CONFIG_ENV] = str(Path(config).resolve())
-    sock = socket.create_server(
-        (host or cfg.hub.host, cfg.hub.port if port is None else port), backlog=2048
-    )
+    path = str(Path(config).resolve())
+    os.environ[_CONFIG_ENV] = path
+    where = host or cfg.hub.host
+    try:
+        if n == 1:
+            sock = listen(where, cfg.hub.port if port is None else port, backlog=2048)
+        else:
+            sock = _reserve(where, cfg.hub.port if port is None else port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {where}: {exc.strerror or exc}") from exc
     bound = sock.getsockname()
     click.echo(f"gridlet hub listening on http://{bound[0]}:{bound[1]} ({n} worker(s))")
     sys.stdout.flush()
-    ucfg = uvicorn.Config(
-        "hub_lite.cli:app_from_env",
-        factory=True,
-        workers=n,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        server_header=False,
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(ucfg)
-    if n > 1:
-        Multiprocess(ucfg, sockets=[sock]).run()
+    if n == 1:
+        _server().run(sockets=[sock])
     else:
-        server.run(sockets=[sock])
+        _supervise(path, where, bound[1], n)
+        sock.close()
+
+
+def _server() -> Any:
+    import uvicorn
+
+    return uvicorn.Server(
+        uvicorn.Config(
+            "hub_lite.cli:app_from_env",
+            factory=True,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            server_header=False,
+            timeout_graceful_shutdown=5,
+        )
+    )
+
+
+def _reserve(host: str, port: int) -> socket.socket:
+    """Hold the port (bound, not listening: it takes no connections) while workers start."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _worker(config_path: str, host: str, port: int) -> None:
+    """One hub process: its own listening socket on the shared port."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ[_CONFIG_ENV] = config_path
+    _server().run(sockets=[listen(host, port, backlog=2048, reuse_port=True)])
+
+
+def _supervise(config_path: str, host: str, port: int, n: int) -> None:
+    """Run n workers until SIGINT/SIGTERM; a worker that dies is started again."""
+    ctx = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+
+    def stop(_signum: int, _frame: object) -> None:
+        stopping.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+    def start(i: int) -> multiprocessing.process.BaseProcess:
+        p = ctx.Process(target=_worker, args=(config_path, host, port), name=f"hub-worker-{i}")
+        p.start()
+        return p
+
+    procs = [start(i) for i in range(n)]
+    while not stopping.wait(0.5):
+        for i, p in enumerate(procs):
+            if not p.is_alive():
+                log.error("hub worker %d exited with %s; starting it again", i, p.exitcode)
+                procs[i] = start(i)
+    for p in procs:
+        if p.pid is not None and p.is_alive():
+            os.kill(p.pid, signal.SIGTERM)
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 @hub.command("add-node")

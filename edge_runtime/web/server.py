@@ -17,6 +17,8 @@ from collections.abc import Generator
 import uvicorn
 from litestar import Litestar
 
+from cloud_sync.listen import listen
+
 __all__ = ("ServerReady", "serve")
 
 log = logging.getLogger(__name__)
@@ -70,14 +72,6 @@ class _DenialIsAHandshake(logging.Filter):
 _denial_filter = _DenialIsAHandshake()
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, addr = infos[0]
-    sock = socket.create_server(addr[:2], family=family, backlog=128)
-    sock.setblocking(False)
-    return sock
-
-
 async def serve(
     app: Litestar,
     host: str,
@@ -89,7 +83,7 @@ async def serve(
     """Serve ``app`` until cancelled, then shut down gracefully (open connections get up to
     ``shutdown_timeout_s`` to finish). ``ready`` is set once listening; a ``ServerReady``
     also receives the bound host and port. Raises ``OSError`` when the address is taken."""
-    sock = _bind(host, port)
+    sock = listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     if isinstance(ready, ServerReady):
         ready.host, ready.port = host, bound_port
