@@ -9,7 +9,6 @@ these and nothing else, so their rollups are computed alike.
 
 from __future__ import annotations
 
-import math
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,22 +87,7 @@ def stats_blob(rows: Sequence[Sequence[float | None]], nf: int) -> bytes:
 
 def merge_blobs(blobs: Sequence[bytes], nf: int) -> bytes:
     """Combine stats of parts of a bucket (minutes of an hour, pieces of one minute)."""
-    out = array("d")
-    parts = [array("d", b) for b in blobs]
-    for j in range(nf):
-        n = 0.0
-        total = 0.0
-        lo = math.inf
-        hi = -math.inf
-        for p in parts:
-            c = p[4 * j]
-            if c > 0:
-                n += c
-                total += p[4 * j + 2] * c
-                lo = min(lo, p[4 * j + 1])
-                hi = max(hi, p[4 * j + 3])
-        out.extend((n, lo, total / n, hi) if n else (0, _MISSING, _MISSING, _MISSING))
-    return out.tobytes()
+    return predictor_ext.merge_stats(b"".join(blobs), len(blobs), nf)
 
 
 def with_none(vals: array[float]) -> tuple[float | None, ...]:

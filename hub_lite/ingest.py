@@ -442,7 +442,10 @@ class Ingestor:
                 base, schema_digest=d.digest, kind=schema.kind, model=schema.model
             )
         held = _Intervals.from_bytes(dev.held)
-        keep = [i for i, s in enumerate(cols.seqs) if not held.contains(s)]
+        if held.overlaps(min(cols.seqs), max(cols.seqs)):
+            keep = [i for i, s in enumerate(cols.seqs) if not held.contains(s)]
+        else:  # the usual case: nothing of this block is held yet
+            keep = list(range(cols.n))
         if not keep:
             return 0, None
         n = cols.n
@@ -497,8 +500,7 @@ class Ingestor:
             await tx.add_completeness(node_id, device_id, day_ms, lv, bf)
             live += lv
             backfill += bf
-        for s in seqs:
-            held.add(s)
+        held.add_all(seqs)
         newest = max(range(k), key=lambda i: (ts[i], seqs[i]))
         if dev.last_ts_ms is None or (ts[newest], seqs[newest]) > (
             dev.last_ts_ms,
@@ -551,9 +553,9 @@ def json_size(schema: DeviceSchema, device_id: str, ts: array[int], values: arra
     """Bytes of the same frames as JSON lines ``{"device_id":..,"ts_ms":..,"seq":..,name:v}``:
     the value text exactly (msgspec's float formatting), the keys and framing counted."""
     n = len(ts)
-    text = len(msgspec.json.encode([v if v == v else None for v in values]))  # noqa: PLR0124
+    text = len(msgspec.json.encode(values.tolist()))  # NaN and inf are written as null
     per_row = len(device_id) + 40 + sum(len(f.name) + 4 for f in schema.fields)
-    ts_text = len(msgspec.json.encode(list(ts))) * 2  # ts and seq, about the same width
+    ts_text = len(msgspec.json.encode(ts.tolist())) * 2  # ts and seq, about the same width
     return n * per_row + text - 2 + ts_text
 
 
@@ -600,25 +602,27 @@ class _Intervals:
                 hi = mid
         return lo
 
+    def overlaps(self, lo: int, hi: int) -> bool:
+        """Whether any of lo..hi is held."""
+        i = self._find(lo + 1)
+        return i < len(self.r) and self.r[i][0] <= hi
+
+    def add_all(self, values: array[int]) -> None:
+        """Add many values: their runs merged with the ranges held, in one sort."""
+        runs: list[list[int]] = []
+        for v in sorted(values):
+            if runs and runs[-1][1] >= v - 1:
+                runs[-1][1] = max(runs[-1][1], v)
+            else:
+                runs.append([v, v])
+        merged: list[list[int]] = []
+        for lo, hi in sorted(self.r + runs):
+            if merged and merged[-1][1] >= lo - 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self.r = merged
+
     def contains(self, v: int) -> bool:
         i = self._find(v + 1)
         return i < len(self.r) and self.r[i][0] <= v <= self.r[i][1]
-
-    def add(self, v: int) -> None:
-        r = self.r
-        i = self._find(v)
-        if i < len(r) and r[i][0] <= v <= r[i][1]:
-            return
-        if i < len(r) and r[i][1] == v - 1:
-            r[i][1] = v
-            if i + 1 < len(r) and r[i + 1][0] == v + 1:
-                r[i][1] = r[i + 1][1]
-                del r[i + 1]
-        elif i < len(r) and r[i][0] == v + 1:
-            r[i][0] = v
-        else:
-            r.insert(i, [v, v])
-
-
-def seqs_held(data: bytes) -> list[tuple[int, int]]:
-    return [(a, b) for a, b in _Intervals.from_bytes(data).r]

@@ -30,6 +30,7 @@ __all__ = (
     "decode_block",
     "encode_block",
     "implementation",
+    "merge_stats",
     "new_state",
     "pack_values",
     "pure",
@@ -71,5 +72,6 @@ new_state = implementation.new_state
 encode_block = implementation.encode_block
 decode_block = implementation.decode_block
 bucket_stats = implementation.bucket_stats
+merge_stats = implementation.merge_stats
 pack_values = implementation.pack_values
 unpack_values = implementation.unpack_values

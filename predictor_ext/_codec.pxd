@@ -220,6 +220,11 @@ cdef void _find_ids(const long long[:] keys, Py_ssize_t n, const long long[:] st
 cdef void _accumulate(const double[:] xs, const long long[:] ids, Py_ssize_t n, Py_ssize_t nf,
                       double[:] out, unsigned long long[:] obits) noexcept
 
+@cython.locals(j=Py_ssize_t, b=Py_ssize_t, k=Py_ssize_t, o=Py_ssize_t, n=double, total=double,
+               lo=double, hi=double, c=double)
+cdef void _merge(const double[:] src, Py_ssize_t nparts, Py_ssize_t nf, double[:] out,
+                 unsigned long long[:] obits) noexcept
+
 
 cdef int _PACK_HEADER
 cdef int _MAX_SCALE

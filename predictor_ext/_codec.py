@@ -1019,6 +1019,53 @@ def _accumulate(xs, ids, n, nf, out, obits):
             out[o + 2] = out[o + 2] / c
 
 
+def merge_stats(blob, nparts, nf):
+    """Combine nparts stats blobs of nf fields each (as bucket_stats makes them: count, min,
+    avg, max per field), concatenated in blob, into one: counts added, the smallest min and
+    largest max of the parts that have values, averages weighted by count, in part order.
+    Returns the merged blob (bytes of 4 * nf float64)."""
+    if nparts < 0 or nf < 0:
+        raise ValueError("part and field counts must be >= 0")
+    if len(blob) != 32 * nparts * nf:
+        raise ValueError("blob holds %d bytes, expected %d" % (len(blob), 32 * nparts * nf))
+    src = array("d", bytes(blob))
+    out = array("d", bytes(32 * nf))
+    _merge(src, nparts, nf, out, _words(out))
+    return out.tobytes()
+
+
+def _merge(src, nparts, nf, out, obits):
+    for j in range(nf):
+        n = 0.0
+        total = 0.0
+        lo = 0.0
+        hi = 0.0
+        for b in range(nparts):
+            k = (b * nf + j) * 4
+            c = src[k]
+            if c > 0.0:
+                if n == 0.0:
+                    lo = src[k + 1]
+                    hi = src[k + 3]
+                else:
+                    if src[k + 1] < lo:
+                        lo = src[k + 1]
+                    if src[k + 3] > hi:
+                        hi = src[k + 3]
+                n += c
+                total += src[k + 2] * c
+        o = 4 * j
+        if n > 0.0:
+            out[o] = n
+            out[o + 1] = lo
+            out[o + 2] = total / n
+            out[o + 3] = hi
+        else:
+            obits[o + 1] = _MISSING_BITS
+            obits[o + 2] = _MISSING_BITS
+            obits[o + 3] = _MISSING_BITS
+
+
 # ---------------------------------------------------------------------------------------------
 # Lossless packing of one frame's values, for the edge's history. Most device values are
 # decimals with a few digits (scaled registers, JSON) or float32 registers, so a frame is

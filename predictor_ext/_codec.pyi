@@ -95,3 +95,9 @@ def pack_values(xs: Buffer) -> bytes:
 
 def unpack_values(blob: bytes) -> array[float]:
     """The values pack_values packed; CodecError for a malformed blob."""
+
+def merge_stats(blob: bytes, nparts: int, nf: int) -> bytes:
+    """Combine ``nparts`` stats blobs of ``nf`` fields (count, min, avg, max per field, as
+    bucket_stats makes them), concatenated in ``blob``, into one: counts added, the smallest
+    min and largest max, averages weighted by count (summed in part order). ValueError for a
+    blob of the wrong size."""

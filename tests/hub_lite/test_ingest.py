@@ -4,9 +4,12 @@ own clear refusal and changes nothing; chained batches decode only from a state 
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cloud_sync import DeviceSchema, Frame, default_field, encode
 from cloud_sync.signing import NodeKey, sign
@@ -244,3 +247,22 @@ async def test_rollups_are_the_edges_code_over_the_values_the_hub_holds(
     for hour, blob in hours.items():
         minutes = [got[m] for m in sorted(got) if hour <= m < hour + HOUR_MS]
         assert blob == merge_blobs(minutes, 2)
+
+
+@given(st.lists(st.lists(st.integers(0, 300), max_size=40), max_size=8), st.integers(0, 300))
+def test_held_sequence_numbers_behave_as_a_set(batches: list[list[int]], probe: int) -> None:
+    from array import array
+
+    from hub_lite.ingest import _Intervals
+
+    held = _Intervals([])
+    model: set[int] = set()
+    for b in batches:
+        held = _Intervals.from_bytes(held.to_bytes())  # as stored between batches
+        held.add_all(array("q", b))
+        model.update(b)
+    assert all(held.contains(v) == (v in model) for v in range(-2, 303))
+    lo, hi = sorted((probe, probe + 7))
+    assert held.overlaps(lo, hi) == any(lo <= v <= hi for v in model)
+    ranges = held.r
+    assert all(a[1] + 1 < b[0] for a, b in itertools.pairwise(ranges))
