@@ -38,6 +38,7 @@ from .model import DeviceSchema, Frame, NodeStatus
 from .protocol import BATCHES_PATH, CONTENT_TYPE, MIN_TS_MS, Ack, ErrorBody
 from .rollup import DAY_MS
 from .signing import NodeKey, sign
+from .syncstate import NO_KEY, Key, SyncState
 
 __all__ = (
     "NO_KEY",
@@ -50,30 +51,6 @@ __all__ = (
 )
 
 log = logging.getLogger(__name__)
-
-Key = int
-"""A frame's place in a device's upload order: its sequence number. Sequence numbers only
-grow (the node numbers frames as it records them), so a clock that steps back or a frame
-stamped in the future never hides frames from the uploader, as timestamps would."""
-NO_KEY: Key = 0
-
-
-@dataclass(frozen=True)
-class SyncState:
-    """What the hub holds of one device: every frame with key <= ``acked``, and those with
-    ``live_from`` < key <= ``live_acked`` (the live lane, which runs ahead of a backlog).
-    The backlog is ``acked`` < key <= ``live_from``; with no backlog the three are equal."""
-
-    acked: Key = NO_KEY
-    live_from: Key = NO_KEY
-    live_acked: Key = NO_KEY
-
-    def synced(self, key: Key) -> bool:
-        return key <= self.acked or self.live_from < key <= self.live_acked
-
-    @property
-    def has_backlog(self) -> bool:
-        return self.acked < self.live_from
 
 
 class SyncSource(Protocol):
@@ -244,7 +221,11 @@ class Uploader:
         base = self.s.url.rstrip("/")
         async with (
             httpx.AsyncClient(
-                base_url=base, timeout=self.s.timeout_s, transport=self._transport
+                base_url=base,
+                timeout=self.s.timeout_s,
+                transport=self._transport,
+                # Plain http needs no certificates: loading the bundle costs 3 MB on a Pi.
+                verify=base.startswith("https:"),
             ) as client,
             asyncio.TaskGroup() as tg,
         ):

@@ -109,10 +109,10 @@ async def run_site(
         runtime = Runtime(store, [*polled, *extra_polled], push)
         sync_status = None
         if cfg.sync.enabled:
-            from .sync import make_uploader, sync_info
+            from .sync import make_uploader, run_uploader, sync_info
 
             uploader = make_uploader(runtime, cfg, store.path.parent)
-            runtime.services.append(("sync", uploader.run))
+            runtime.services.append(("sync", lambda: run_uploader(uploader)))
             sync_status = sync_info(uploader)
         if cfg.http.enabled:
             # Imported only when used: a headless site never loads the web stack.

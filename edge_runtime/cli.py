@@ -42,7 +42,30 @@ def _time(value: str | None) -> int | None:
     return int(dt.timestamp() * 1000)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Commands of other gridlet packages (``gridlet hub`` from hub_lite) come through the
+    ``gridlet.commands`` entry points and are imported only when asked for: `gridlet run`
+    never loads the hub."""
+
+    @staticmethod
+    def _plugins() -> dict[str, importlib.metadata.EntryPoint]:
+        return {ep.name: ep for ep in importlib.metadata.entry_points(group="gridlet.commands")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._plugins()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is None:
+            ep = self._plugins().get(cmd_name)
+            if ep is not None:
+                loaded = ep.load()
+                if isinstance(loaded, click.Command):
+                    cmd = loaded
+        return cmd
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="gridlet")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
@@ -215,12 +238,3 @@ def export(config: str, device: str, start: str | None, end: str | None, fmt: st
                 **dict(zip(names, frame.values, strict=True)),
             }
             out.write(json.dumps(record, allow_nan=True) + "\n")
-
-
-def _add_plugins() -> None:
-    """Command groups other gridlet packages register (``gridlet hub`` from hub_lite)."""
-    for ep in importlib.metadata.entry_points(group="gridlet.commands"):
-        main.add_command(ep.load(), ep.name)
-
-
-_add_plugins()

@@ -35,7 +35,7 @@ from cloud_sync.rollup import (
     stats_blob,
     unpack_values,
 )
-from cloud_sync.uploader import NO_KEY, Key, SyncState
+from cloud_sync.syncstate import NO_KEY, Key, SyncState
 
 from .bus import Reading, Subscription
 
@@ -576,22 +576,53 @@ async def _bump(db: aiosqlite.Connection, name: str, n: int) -> None:
 
 
 class Reader:
-    """Read-only access for export, the dashboard and the uploader (separate connections)."""
+    """Read-only access for export, the dashboard and the uploader (separate connections).
 
-    def __init__(self, path: str | Path) -> None:
+    ``keep_open``: one connection kept for every read, for a caller that reads often from
+    one thread (the uploader); otherwise each read opens and closes its own."""
+
+    def __init__(self, path: str | Path, *, keep_open: bool = False) -> None:
         self.path = Path(path)
+        self._schemas: dict[int, tuple[str, DeviceSchema]] = {}
+        self._keep_open = keep_open
+        self._kept: sqlite3.Connection | None = None
 
     def _connect(self) -> sqlite3.Connection:
         if not self.path.exists():
             raise FileNotFoundError(f"no database at {self.path}")
         return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
 
+    @contextlib.contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        if not self._keep_open:
+            with contextlib.closing(self._connect()) as conn:
+                yield conn
+            return
+        if self._kept is None:
+            self._kept = self._connect()
+            self._kept.execute("PRAGMA cache_size = -512")  # 512 KB: reads are sequential
+        yield self._kept
+
+    def close(self) -> None:
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = None
+
     def schemas(self) -> dict[int, tuple[str, DeviceSchema]]:
-        with contextlib.closing(self._connect()) as conn:
-            rows = conn.execute(
-                "SELECT s.id, d.device_id, s.body FROM schemas s JOIN devices d ON d.dev = s.dev"
-            ).fetchall()
-        return {sid: (dev, msgspec.json.decode(body, type=DeviceSchema)) for sid, dev, body in rows}
+        """Every schema by id (kept: a schema row never changes, new ones are read when
+        a frame names an id not seen yet)."""
+        with self._conn() as conn:
+            count = conn.execute("SELECT count(*) FROM schemas").fetchone()[0]
+            if count != len(self._schemas):
+                rows = conn.execute(
+                    "SELECT s.id, d.device_id, s.body FROM schemas s JOIN devices d"
+                    " ON d.dev = s.dev"
+                ).fetchall()
+                self._schemas = {
+                    sid: (dev, msgspec.json.decode(body, type=DeviceSchema))
+                    for sid, dev, body in rows
+                }
+        return self._schemas
 
     def frames(
         self, device_id: str, start_ms: int | None = None, end_ms: int | None = None
@@ -619,7 +650,7 @@ class Reader:
         schemas = self.schemas()
         lo = -(2**62) if start_ms is None else start_ms
         hi = 2**62 if end_ms is None else end_ms
-        with contextlib.closing(self._connect()) as conn:
+        with self._conn() as conn:
             rows = conn.execute(
                 "SELECT r.bucket_ms, r.schema_id, r.stats FROM rollups r JOIN devices d"
                 " ON d.dev = r.dev WHERE d.device_id = ? AND r.res_ms = ? AND r.bucket_ms >= ?"
@@ -634,7 +665,7 @@ class Reader:
         """Up to ``limit`` frames of a device with after < seq <= upto, in seq order."""
         schemas = self.schemas()
         hi = upto if upto is not None else 2**62
-        with contextlib.closing(self._connect()) as conn:
+        with self._conn() as conn:
             rows = conn.execute(
                 "SELECT f.ts_ms, f.seq, f.schema_id, f.vals FROM frames f JOIN devices d"
                 " ON d.dev = f.dev WHERE d.device_id = ? AND f.seq > ? AND f.seq <= ?"
@@ -650,7 +681,7 @@ class Reader:
     ) -> tuple[int, int | None]:
         """(frames, oldest ts) of a device with after < seq <= upto."""
         hi = upto if upto is not None else 2**62
-        with contextlib.closing(self._connect()) as conn:
+        with self._conn() as conn:
             row = conn.execute(
                 "SELECT count(*), min(f.ts_ms) FROM frames f JOIN devices d ON d.dev = f.dev"
                 " WHERE d.device_id = ? AND f.seq > ? AND f.seq <= ?",
@@ -659,7 +690,7 @@ class Reader:
         return (int(row[0]), row[1]) if row else (0, None)
 
     def newest_key(self, device_id: str) -> Key | None:
-        with contextlib.closing(self._connect()) as conn:
+        with self._conn() as conn:
             row = conn.execute(
                 "SELECT max(f.seq) FROM frames f JOIN devices d ON d.dev = f.dev"
                 " WHERE d.device_id = ?",
@@ -669,7 +700,7 @@ class Reader:
 
     def losses(self) -> list[tuple[str, int, int, int]]:
         """(device id, day, evicted, rejected) running totals."""
-        with contextlib.closing(self._connect()) as conn:
+        with self._conn() as conn:
             rows = conn.execute(
                 "SELECT d.device_id, l.day_ms, l.evicted, l.rejected FROM losses l"
                 " JOIN devices d ON d.dev = l.dev ORDER BY l.day_ms, d.device_id"
@@ -677,11 +708,11 @@ class Reader:
         return [(a, b, c, e) for a, b, c, e in rows]
 
     def counters(self) -> dict[str, int]:
-        with contextlib.closing(self._connect()) as conn:
+        with self._conn() as conn:
             return dict(conn.execute("SELECT name, value FROM counters").fetchall())
 
     def dead_letters(self, limit: int = 100) -> list[tuple[int, str, str, str, bytes]]:
-        with contextlib.closing(self._connect()) as conn:
+        with self._conn() as conn:
             rows = conn.execute(
                 "SELECT ts_ms, source, key, reason, payload FROM dead_letters"
                 " ORDER BY id DESC LIMIT ?",

@@ -10,13 +10,15 @@ import asyncio
 import importlib.metadata
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from cloud_sync import DeviceHealth, DeviceSchema, Frame, Loss, NodeStatus
 from cloud_sync.rollup import DAY_MS
 from cloud_sync.signing import NodeKey
-from cloud_sync.uploader import Key, SyncState, Uploader, UploaderSettings
+from cloud_sync.syncstate import Key, SyncState
+from cloud_sync.uploader import Uploader, UploaderSettings
 
 from .config import SiteConfig
 from .devices.host import boot_time_ms
@@ -26,7 +28,9 @@ from .store import Reader, Store
 if TYPE_CHECKING:
     from .web.api import SyncInfo
 
-__all__ = ("StoreSource", "key_path", "make_uploader", "sync_info")
+_T = TypeVar("_T")
+
+__all__ = ("StoreSource", "key_path", "make_uploader", "run_uploader", "sync_info")
 
 
 def key_path(cfg: SiteConfig, data_dir: Path) -> Path:
@@ -47,7 +51,17 @@ class StoreSource:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.store: Store = runtime.store
-        self.reader = Reader(self.store.path)
+        # One thread with one connection for every read: a thread (and a connection and a
+        # malloc arena) per read costs megabytes on a Pi.
+        self.reader = Reader(self.store.path, keep_open=True)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sync-read")
+
+    async def _read(self, fn: Callable[..., _T], *args: object) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def close(self) -> None:
+        self._thread.submit(self.reader.close).result()
+        self._thread.shutdown()
 
     def device_ids(self) -> Sequence[str]:
         return self.store.device_ids()
@@ -61,17 +75,17 @@ class StoreSource:
     async def read(
         self, device_id: str, after: Key, upto: Key | None, limit: int
     ) -> list[tuple[Frame, DeviceSchema]]:
-        return await asyncio.to_thread(self.reader.frames_after, device_id, after, upto, limit)
+        return await self._read(self.reader.frames_after, device_id, after, upto, limit)
 
     async def newest(self, device_id: str) -> Key | None:
-        return await asyncio.to_thread(self.reader.newest_key, device_id)
+        return await self._read(self.reader.newest_key, device_id)
 
     async def pending(self, device_id: str, after: Key, upto: Key | None) -> tuple[int, int | None]:
-        return await asyncio.to_thread(self.reader.count_after, device_id, after, upto)
+        return await self._read(self.reader.count_after, device_id, after, upto)
 
     async def status(self) -> NodeStatus:
         rt = self.runtime
-        losses = await asyncio.to_thread(self.reader.losses)
+        losses = await self._read(self.reader.losses)
         try:
             free = shutil.disk_usage(self.store.path.parent).free
         except OSError:
@@ -115,7 +129,8 @@ class StoreSource:
 
 
 def make_uploader(runtime: Runtime, cfg: SiteConfig, data_dir: Path) -> Uploader:
-    """The uploader for a site with sync enabled; its key must exist (`gridlet keygen`)."""
+    """The uploader for a site with sync enabled; its key must exist (`gridlet keygen`).
+    Run it with ``run_uploader``."""
     key = NodeKey.load(key_path(cfg, data_dir))
     s = cfg.sync
     uploader = Uploader(
@@ -131,6 +146,16 @@ def make_uploader(runtime: Runtime, cfg: SiteConfig, data_dir: Path) -> Uploader
     )
     runtime.store.on_commit.append(lambda _report: uploader.poke())
     return uploader
+
+
+async def run_uploader(uploader: Uploader) -> None:
+    """Run the uploader until cancelled, then close its reading thread and connection."""
+    try:
+        await uploader.run()
+    finally:
+        source = uploader.source
+        if isinstance(source, StoreSource):
+            source.close()
 
 
 def sync_info(uploader: Uploader) -> Callable[[], SyncInfo]:

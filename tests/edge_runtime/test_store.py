@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cloud_sync import DeviceSchema, Frame, default_field
-from cloud_sync.uploader import SyncState
+from cloud_sync.syncstate import SyncState
 from edge_runtime.bus import Bus, Reading
 from edge_runtime.store import (
     HOUR_MS,
