@@ -218,6 +218,10 @@ def test_gridlet_sync_status_reads_the_running_edge(tmp_path: Path, hub: Hub) ->
             time.sleep(0.3)
             text = status()
         assert hub.url in text and "backlog" in text and "frames/s" in text
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert "gridlet_sync_up 1.0" in metrics
+        assert "gridlet_sync_backlog_frames" in metrics
+        assert "gridlet_sync_clock_drift_flagged 0.0" in metrics
     finally:
         edge.send_signal(signal.SIGINT)
         assert edge.wait(timeout=30) == 0
