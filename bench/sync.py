@@ -839,6 +839,18 @@ def _ingest_lines(r: dict[str, Any]) -> list[str]:
 
 def figures(results: dict[str, Any]) -> list[Figure]:
     out: list[Figure] = []
+    small = results.get("ingest_small")
+    if small is not None:
+        out.append(
+            Figure(
+                "ingest of live-sized batches (25 x 50), SQLite, batches/s",
+                _n(small["batches_per_s"]),
+                f"{_n(small['batches_per_hub_cpu_s'])}/hub CPU-s"
+                f" = {_n(5 * (small['batches_per_hub_cpu_s'] or 0))} nodes at one per 5 s",
+                "reported",
+                None,
+            )
+        )
     for r in results.get("ingest", []):
         if "error" in r:
             out.append(
@@ -1034,6 +1046,18 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         say("\n".join(_ingest_lines(r)))
                     results["ingest"].append(r)
+            # Live uploads are small: what bounds a hub there is batches a second.
+            small = make_load(nodes=50, devices=1, batches=batches * 3, rows=25, fields=50)
+            say(f"1b. ingest of {len(small.bodies)} live-sized batches of 25 x 50 into SQLite ...")
+            r = ingest(small, tmp / "ingest-small", "sqlite:///hub.db", connections=8)
+            r["batches_per_s"] = r["batches"] / r["seconds"]
+            r["batches_per_hub_cpu_s"] = r["batches"] / r["hub_cpu_s"] if r["hub_cpu_s"] else None
+            results["ingest_small"] = r
+            say(
+                f"  {r['batches_per_s']:,.0f} batches/s ({_n(r['frames_per_s'])} frames/s),"
+                f" {_n(r['batches_per_hub_cpu_s'])} batches per hub CPU-second: at one batch"
+                f" every 5 s, about {_n(5 * (r['batches_per_hub_cpu_s'] or 0))} live nodes a core"
+            )
         if "backfill" in parts:
             results["backfill"] = []
             for hours in (24,) if args.quick or args.skip_7d else (24, 168):
