@@ -37,7 +37,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import psycopg
@@ -49,23 +49,21 @@ from psycopg_pool import AsyncConnectionPool
 from cloud_sync import DeviceSchema, Loss, NodeStatus
 from cloud_sync.rollup import DAY_MS
 
-from .base import (
-    BlockRecord,
-    CompletenessRecord,
-    DeviceRecord,
-    NodeRecord,
-    Storage,
-    StorageError,
-    Tx,
-)
-from .sqlite import (
+from ._sql import (
+    BLOCK_COLS,
+    DEVICE_COLS,
+    SqlStorage,
     block_from_row,
     block_to_row,
-    completeness_from_row,
     device_from_row,
     device_to_row,
     loss_rows,
-    node_from_row,
+)
+from .base import (
+    BlockRecord,
+    DeviceRecord,
+    StorageError,
+    Tx,
 )
 
 __all__ = ("PostgresStorage",)
@@ -166,19 +164,6 @@ CREATE TABLE IF NOT EXISTS completeness (
 );
 """
 
-_BLOCK_COLS: Final = (
-    "node_id, device_id, batch_id, schema_digest, first_ts_ms, last_ts_ms, first_seq, last_seq,"
-    " frames, chain_from, key_batch, chain_len, packed, data"
-)
-_DEVICE_COLS: Final = (
-    "node_id, device_id, schema_digest, kind, model, last_ts_ms, last_seq, latest, held,"
-    " frames, n_values, wire_bytes, json_bytes"
-)
-_NODE_COLS: Final = (
-    "node_id, public_key, added_ms, last_seen_ms, last_batch_id, status, drift_ms, batches,"
-    " body_bytes"
-)
-
 # ------------------------------------------------------------------ ingest statements
 
 _CLAIM_BATCH: Final = (
@@ -187,10 +172,10 @@ _CLAIM_BATCH: Final = (
 )
 _LOCK_DEVICE_KEY: Final = "SELECT pg_advisory_xact_lock(%s::bigint)"
 _LOCK_DEVICE_ROW: Final = (
-    f"SELECT {_DEVICE_COLS} FROM devices WHERE node_id = %s AND device_id = %s FOR UPDATE"
+    f"SELECT {DEVICE_COLS} FROM devices WHERE node_id = %s AND device_id = %s FOR UPDATE"
 )
 _PUT_DEVICE: Final = (
-    f"INSERT INTO devices ({_DEVICE_COLS}) VALUES"
+    f"INSERT INTO devices ({DEVICE_COLS}) VALUES"
     " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
     " ON CONFLICT (node_id, device_id) DO UPDATE SET schema_digest = excluded.schema_digest,"
     " kind = excluded.kind, model = excluded.model, last_ts_ms = excluded.last_ts_ms,"
@@ -200,7 +185,7 @@ _PUT_DEVICE: Final = (
 )
 _PUT_SCHEMA: Final = "INSERT INTO schemas (digest, body) VALUES (%s, %s) ON CONFLICT DO NOTHING"
 _INSERT_BLOCK: Final = (
-    f"INSERT INTO blocks ({_BLOCK_COLS}) VALUES"
+    f"INSERT INTO blocks ({BLOCK_COLS}) VALUES"
     " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 _GET_ROLLUPS: Final = (
@@ -235,11 +220,8 @@ _TOUCH_NODE: Final = (
 
 # ------------------------------------------------------------------ reads
 
-_BLOCK: Final = (
-    f"SELECT {_BLOCK_COLS} FROM blocks WHERE node_id = %s AND device_id = %s AND batch_id = %s"
-)
 _CHAIN: Final = (
-    f"SELECT {_BLOCK_COLS} FROM blocks WHERE node_id = %s AND device_id = %s"
+    f"SELECT {BLOCK_COLS} FROM blocks WHERE node_id = %s AND device_id = %s"
     " AND batch_id >= %s AND batch_id <= %s AND key_batch = %s ORDER BY batch_id"
 )
 # The blocks holding frames in [start, end) (a block's frames may start before start_ms;
@@ -247,7 +229,7 @@ _CHAIN: Final = (
 # among them, from the keyframe up to the latest hit: one round trip.
 _BLOCKS: Final = f"""
 WITH hits AS MATERIALIZED (
-    SELECT {_BLOCK_COLS} FROM blocks
+    SELECT {BLOCK_COLS} FROM blocks
     WHERE node_id = %(node)s AND device_id = %(device)s
       AND first_ts_ms >= %(start)s::bigint - {DAY_MS} AND first_ts_ms < %(end)s::bigint
       AND last_ts_ms >= %(start)s::bigint
@@ -256,10 +238,10 @@ WITH hits AS MATERIALIZED (
     WHERE key_batch IN (SELECT key_batch FROM hits WHERE NOT packed AND chain_from <> 0)
     GROUP BY key_batch
 )
-SELECT {_BLOCK_COLS} FROM hits
+SELECT {BLOCK_COLS} FROM hits
 UNION ALL
 SELECT c.* FROM spans s CROSS JOIN LATERAL (
-    SELECT {_BLOCK_COLS} FROM blocks
+    SELECT {BLOCK_COLS} FROM blocks
     WHERE node_id = %(node)s AND device_id = %(device)s
       AND batch_id >= s.key_batch AND batch_id <= s.upto AND key_batch = s.key_batch
     OFFSET 0  -- not flattened: a range scan of the primary key for each chain
@@ -427,10 +409,11 @@ class _PostgresTx(Tx):
         await self.run((_TOUCH_NODE, (seen_ms, batch_id, encoded, drift_ms, body_bytes, node_id)))
 
 
-class PostgresStorage(Storage):
+class PostgresStorage(SqlStorage):
     """Hub storage in a PostgreSQL database, shared by any number of hub processes."""
 
     name = "postgresql"
+    placeholder = "%s"
 
     def __init__(
         self, url: str, *, min_size: int = 1, max_size: int = 10, timeout_s: float = 30.0
@@ -564,7 +547,7 @@ class PostgresStorage(Storage):
             await _finish(conn.commit())
             self.schemas_held |= tx.new_schemas
 
-    async def _all(self, query: QueryNoTemplate, params: Params = ()) -> list[TupleRow]:
+    async def _all(self, query: QueryNoTemplate, params: Params = ()) -> list[Any]:
         values = params.values() if isinstance(params, Mapping) else params
         if any(isinstance(v, str) and "\x00" in v for v in values):
             # PostgreSQL text cannot hold NUL, so no row has such a key (SQLite's answer
@@ -589,18 +572,6 @@ class PostgresStorage(Storage):
             )
             return cur.rowcount == 1
 
-    async def node_key(self, node_id: str) -> bytes | None:
-        rows = await self._all("SELECT public_key FROM nodes WHERE node_id = %s", (node_id,))
-        return bytes(rows[0][0]) if rows else None
-
-    async def nodes(self) -> list[NodeRecord]:
-        rows = await self._all(f"SELECT {_NODE_COLS} FROM nodes ORDER BY node_id")
-        return [node_from_row(r) for r in rows]
-
-    async def node(self, node_id: str) -> NodeRecord | None:
-        rows = await self._all(f"SELECT {_NODE_COLS} FROM nodes WHERE node_id = %s", (node_id,))
-        return node_from_row(rows[0]) if rows else None
-
     # ------------------------------------------------------------------ reads
 
     async def schemas(self, digests: Sequence[bytes]) -> dict[bytes, DeviceSchema]:
@@ -610,17 +581,6 @@ class PostgresStorage(Storage):
             "SELECT digest, body FROM schemas WHERE digest = ANY(%s)", (list(digests),)
         )
         return {bytes(d): msgspec.json.decode(b, type=DeviceSchema) for d, b in rows}
-
-    async def devices(self, node_id: str) -> list[DeviceRecord]:
-        rows = await self._all(
-            f"SELECT {_DEVICE_COLS} FROM devices WHERE node_id = %s ORDER BY device_id",
-            (node_id,),
-        )
-        return [device_from_row(r) for r in rows]
-
-    async def block(self, node_id: str, device_id: str, batch_id: int) -> BlockRecord | None:
-        rows = await self._all(_BLOCK, (node_id, device_id, batch_id))
-        return block_from_row(rows[0]) if rows else None
 
     async def chain(
         self, node_id: str, device_id: str, key_batch: int, upto_batch: int
@@ -635,25 +595,6 @@ class PostgresStorage(Storage):
             _BLOCKS, {"node": node_id, "device": device_id, "start": start_ms, "end": end_ms}
         )
         return [block_from_row(r) for r in rows]
-
-    async def rollups(
-        self, node_id: str, device_id: str, res_ms: int, start_ms: int, end_ms: int
-    ) -> list[tuple[int, bytes, bytes]]:
-        rows = await self._all(
-            "SELECT bucket_ms, schema_digest, stats FROM rollups WHERE node_id = %s"
-            " AND device_id = %s AND res_ms = %s AND bucket_ms >= %s AND bucket_ms < %s"
-            " ORDER BY bucket_ms",
-            (node_id, device_id, res_ms, start_ms, end_ms),
-        )
-        return [(b, bytes(d), bytes(s)) for b, d, s in rows]
-
-    async def completeness(self, node_id: str, day_ms: int) -> list[CompletenessRecord]:
-        rows = await self._all(
-            "SELECT device_id, day_ms, live, backfill, evicted, rejected, gaps FROM completeness"
-            " WHERE node_id = %s AND day_ms = %s ORDER BY device_id",
-            (node_id, day_ms),
-        )
-        return [completeness_from_row(r) for r in rows]
 
     async def prune(self, raw_before_ms: int, rollups_before_ms: int) -> int:
         """Drop the partitions of the days before ``raw_before_ms``'s day (counting their

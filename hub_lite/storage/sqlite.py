@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,17 @@ import msgspec
 from cloud_sync import DeviceSchema, Loss, NodeStatus
 from cloud_sync.rollup import DAY_MS
 
-from .base import (
-    BlockRecord,
-    CompletenessRecord,
-    DeviceRecord,
-    NodeRecord,
-    Storage,
-    StorageError,
-    Tx,
+from ._sql import (
+    BLOCK_COLS,
+    DEVICE_COLS,
+    SqlStorage,
+    block_from_row,
+    block_to_row,
+    device_from_row,
+    device_to_row,
+    loss_rows,
 )
+from .base import BlockRecord, DeviceRecord, StorageError, Tx
 
 __all__ = ("SqliteStorage",)
 
@@ -113,126 +115,6 @@ CREATE TABLE IF NOT EXISTS completeness (
 ) WITHOUT ROWID;
 """
 
-_BLOCK_COLS = (
-    "node_id, device_id, batch_id, schema_digest, first_ts_ms, last_ts_ms, first_seq, last_seq,"
-    " frames, chain_from, key_batch, chain_len, packed, data"
-)
-_DEVICE_COLS = (
-    "node_id, device_id, schema_digest, kind, model, last_ts_ms, last_seq, latest, held,"
-    " frames, n_values, wire_bytes, json_bytes"
-)
-_NODE_COLS = (
-    "node_id, public_key, added_ms, last_seen_ms, last_batch_id, status, drift_ms, batches,"
-    " body_bytes"
-)
-
-
-def block_from_row(row: Sequence[Any]) -> BlockRecord:
-    return BlockRecord(
-        node_id=row[0],
-        device_id=row[1],
-        batch_id=row[2],
-        schema_digest=bytes(row[3]),
-        first_ts_ms=row[4],
-        last_ts_ms=row[5],
-        first_seq=row[6],
-        last_seq=row[7],
-        frames=row[8],
-        chain_from=row[9],
-        key_batch=row[10],
-        chain_len=row[11],
-        packed=bool(row[12]),
-        data=bytes(row[13]),
-    )
-
-
-def block_to_row(r: BlockRecord) -> tuple[Any, ...]:
-    return (
-        r.node_id,
-        r.device_id,
-        r.batch_id,
-        r.schema_digest,
-        r.first_ts_ms,
-        r.last_ts_ms,
-        r.first_seq,
-        r.last_seq,
-        r.frames,
-        r.chain_from,
-        r.key_batch,
-        r.chain_len,
-        r.packed,
-        r.data,
-    )
-
-
-def device_from_row(row: Sequence[Any]) -> DeviceRecord:
-    return DeviceRecord(
-        node_id=row[0],
-        device_id=row[1],
-        schema_digest=bytes(row[2]),
-        kind=row[3],
-        model=row[4],
-        last_ts_ms=row[5],
-        last_seq=row[6],
-        latest=None if row[7] is None else bytes(row[7]),
-        held=bytes(row[8]),
-        frames=row[9],
-        values=row[10],
-        wire_bytes=row[11],
-        json_bytes=row[12],
-    )
-
-
-def device_to_row(d: DeviceRecord) -> tuple[Any, ...]:
-    return (
-        d.node_id,
-        d.device_id,
-        d.schema_digest,
-        d.kind,
-        d.model,
-        d.last_ts_ms,
-        d.last_seq,
-        d.latest,
-        d.held,
-        d.frames,
-        d.values,
-        d.wire_bytes,
-        d.json_bytes,
-    )
-
-
-def node_from_row(row: Sequence[Any]) -> NodeRecord:
-    return NodeRecord(
-        node_id=row[0],
-        public_key=bytes(row[1]),
-        added_ms=row[2],
-        last_seen_ms=row[3],
-        last_batch_id=row[4],
-        status=None if row[5] is None else msgspec.json.decode(row[5], type=NodeStatus),
-        drift_ms=row[6],
-        batches=row[7],
-        body_bytes=row[8],
-    )
-
-
-def completeness_from_row(row: Sequence[Any]) -> CompletenessRecord:
-    return CompletenessRecord(
-        device_id=row[0],
-        day_ms=row[1],
-        live=row[2],
-        backfill=row[3],
-        evicted=row[4],
-        rejected=row[5],
-        gaps=row[6],
-    )
-
-
-def loss_rows(node_id: str, losses: Iterable[Loss]) -> list[tuple[Any, ...]]:
-    return [
-        (node_id, x.device_id, x.day_ms // DAY_MS * DAY_MS, x.evicted, x.rejected, x.gaps)
-        for x in losses
-    ]
-
 
 class _SqliteTx(Tx):
     def __init__(self, db: aiosqlite.Connection) -> None:
@@ -249,7 +131,7 @@ class _SqliteTx(Tx):
 
     async def lock_device(self, node_id: str, device_id: str) -> DeviceRecord | None:
         async with self.db.execute(
-            f"SELECT {_DEVICE_COLS} FROM devices WHERE node_id = ? AND device_id = ?",
+            f"SELECT {DEVICE_COLS} FROM devices WHERE node_id = ? AND device_id = ?",
             (node_id, device_id),
         ) as cur:
             row = await cur.fetchone()
@@ -257,7 +139,7 @@ class _SqliteTx(Tx):
 
     async def put_device(self, rec: DeviceRecord) -> None:
         await self.db.execute(
-            f"INSERT OR REPLACE INTO devices ({_DEVICE_COLS}) VALUES"
+            f"INSERT OR REPLACE INTO devices ({DEVICE_COLS}) VALUES"
             " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             device_to_row(rec),
         )
@@ -270,7 +152,7 @@ class _SqliteTx(Tx):
 
     async def insert_block(self, rec: BlockRecord) -> None:
         await self.db.execute(
-            f"INSERT INTO blocks ({_BLOCK_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO blocks ({BLOCK_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             block_to_row(rec),
         )
 
@@ -342,10 +224,11 @@ class _SqliteTx(Tx):
         )
 
 
-class SqliteStorage(Storage):
+class SqliteStorage(SqlStorage):
     """Hub storage in one SQLite file."""
 
     name = "sqlite"
+    placeholder = "?"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -407,9 +290,9 @@ class SqliteStorage(Storage):
             except sqlite3.Error as exc:
                 raise StorageError(f"{self.path}: {exc}") from exc
 
-    async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+    async def _all(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
-            async with self._reader.execute(sql, args) as cur:
+            async with self._reader.execute(query, params) as cur:
                 return list(await cur.fetchall())
         except sqlite3.Error as exc:
             raise StorageError(f"{self.path}: {exc}") from exc
@@ -428,18 +311,6 @@ class SqliteStorage(Storage):
             )
             return cur.rowcount == 1
 
-    async def node_key(self, node_id: str) -> bytes | None:
-        rows = await self._all("SELECT public_key FROM nodes WHERE node_id = ?", (node_id,))
-        return bytes(rows[0][0]) if rows else None
-
-    async def nodes(self) -> list[NodeRecord]:
-        rows = await self._all(f"SELECT {_NODE_COLS} FROM nodes ORDER BY node_id")
-        return [node_from_row(r) for r in rows]
-
-    async def node(self, node_id: str) -> NodeRecord | None:
-        rows = await self._all(f"SELECT {_NODE_COLS} FROM nodes WHERE node_id = ?", (node_id,))
-        return node_from_row(rows[0]) if rows else None
-
     async def schemas(self, digests: Sequence[bytes]) -> dict[bytes, DeviceSchema]:
         wanted = list(dict.fromkeys(digests))[:500]  # one query; a body names few schemas
         if not wanted:
@@ -450,25 +321,11 @@ class SqliteStorage(Storage):
         )
         return {bytes(d): msgspec.json.decode(b, type=DeviceSchema) for d, b in rows}
 
-    async def devices(self, node_id: str) -> list[DeviceRecord]:
-        rows = await self._all(
-            f"SELECT {_DEVICE_COLS} FROM devices WHERE node_id = ? ORDER BY device_id", (node_id,)
-        )
-        return [device_from_row(r) for r in rows]
-
-    async def block(self, node_id: str, device_id: str, batch_id: int) -> BlockRecord | None:
-        rows = await self._all(
-            f"SELECT {_BLOCK_COLS} FROM blocks WHERE node_id = ? AND device_id = ?"
-            " AND batch_id = ?",
-            (node_id, device_id, batch_id),
-        )
-        return block_from_row(rows[0]) if rows else None
-
     async def chain(
         self, node_id: str, device_id: str, key_batch: int, upto_batch: int
     ) -> list[BlockRecord]:
         rows = await self._all(
-            f"SELECT {_BLOCK_COLS} FROM blocks WHERE node_id = ? AND device_id = ?"
+            f"SELECT {BLOCK_COLS} FROM blocks WHERE node_id = ? AND device_id = ?"
             " AND batch_id >= ? AND batch_id <= ? AND key_batch = ? ORDER BY batch_id",
             (node_id, device_id, key_batch, upto_batch, key_batch),
         )
@@ -479,7 +336,7 @@ class SqliteStorage(Storage):
     ) -> list[BlockRecord]:
         # A block's frames may start before start_ms; blocks are at most a day long.
         rows = await self._all(
-            f"SELECT {_BLOCK_COLS} FROM blocks WHERE node_id = ? AND device_id = ?"
+            f"SELECT {BLOCK_COLS} FROM blocks WHERE node_id = ? AND device_id = ?"
             " AND first_ts_ms >= ? AND first_ts_ms < ? AND last_ts_ms >= ?",
             (node_id, device_id, start_ms - DAY_MS, end_ms, start_ms),
         )
@@ -494,25 +351,6 @@ class SqliteStorage(Storage):
                     have.add(b.batch_id)
         hits.sort(key=lambda b: b.batch_id)
         return hits
-
-    async def rollups(
-        self, node_id: str, device_id: str, res_ms: int, start_ms: int, end_ms: int
-    ) -> list[tuple[int, bytes, bytes]]:
-        rows = await self._all(
-            "SELECT bucket_ms, schema_digest, stats FROM rollups WHERE node_id = ?"
-            " AND device_id = ? AND res_ms = ? AND bucket_ms >= ? AND bucket_ms < ?"
-            " ORDER BY bucket_ms",
-            (node_id, device_id, res_ms, start_ms, end_ms),
-        )
-        return [(b, bytes(d), bytes(s)) for b, d, s in rows]
-
-    async def completeness(self, node_id: str, day_ms: int) -> list[CompletenessRecord]:
-        rows = await self._all(
-            "SELECT device_id, day_ms, live, backfill, evicted, rejected, gaps FROM completeness"
-            " WHERE node_id = ? AND day_ms = ? ORDER BY device_id",
-            (node_id, day_ms),
-        )
-        return [completeness_from_row(r) for r in rows]
 
     async def prune(self, raw_before_ms: int, rollups_before_ms: int) -> int:
         day = raw_before_ms // DAY_MS * DAY_MS  # whole days, so that no chain loses its key
