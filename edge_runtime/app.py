@@ -123,8 +123,6 @@ async def run_site(
         # pymodbus logs every failed connect as a warning; the scheduler already reports
         # the first failure of a streak, so keep its chatter for debugging.
         logging.getLogger("pymodbus").setLevel(max(logging.ERROR, log.getEffectiveLevel()))
-        # httpx logs every request at INFO: one line per upload would wear out an SD card.
-        logging.getLogger("httpx").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
         if commit_log is not None:
             store.on_commit.append(lambda r: _log_commit(commit_log, r))
         task = asyncio.current_task()

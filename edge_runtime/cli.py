@@ -72,6 +72,8 @@ def main(verbose: int) -> None:
     """gridlet: edge runtime for energy sites (inverters, meters, ESP32 nodes)."""
     level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: noise in a command's output and on an SD card.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
 
 @main.command("codec-info")

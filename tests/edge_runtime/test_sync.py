@@ -209,7 +209,7 @@ def test_gridlet_sync_status_reads_the_running_edge(tmp_path: Path, hub: Hub) ->
                 timeout=30,
                 check=False,
             )
-            return r.stdout if r.returncode == 0 else ""
+            return r.stdout + r.stderr if r.returncode == 0 else ""
 
         deadline = time.monotonic() + 30
         text = status()
@@ -218,6 +218,7 @@ def test_gridlet_sync_status_reads_the_running_edge(tmp_path: Path, hub: Hub) ->
             time.sleep(0.3)
             text = status()
         assert hub.url in text and "backlog" in text and "frames/s" in text
+        assert "HTTP Request" not in text  # httpx's request log stays out of the output
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         assert "gridlet_sync_up 1.0" in metrics
         assert "gridlet_sync_backlog_frames" in metrics
