@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import click
@@ -56,8 +57,11 @@ def show(url: str, *, follow: bool) -> None:
         bar = Progress(TextColumn("backlog"), BarColumn(), TextColumn("{task.description}"))
         task = bar.add_task("", total=start)
         grid = Table.grid()
-        with Live(grid, console=console, refresh_per_second=2) as live:
-            while True:
+        with (
+            contextlib.suppress(KeyboardInterrupt),
+            Live(grid, console=console, refresh_per_second=2) as live,
+        ):
+            while True:  # until Ctrl-C
                 start = max(start, s.backlog_frames or 0)
                 bar.update(
                     task,

@@ -219,6 +219,17 @@ def test_gridlet_sync_status_reads_the_running_edge(tmp_path: Path, hub: Hub) ->
             text = status()
         assert hub.url in text and "backlog" in text and "frames/s" in text
         assert "HTTP Request" not in text  # httpx's request log stays out of the output
+        follow = subprocess.Popen(
+            [exe, "sync", "status", "--config", str(site), "--follow"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        time.sleep(2.5)  # a few refreshes of a display meant for a person
+        follow.send_signal(signal.SIGINT)
+        shown, _ = follow.communicate(timeout=10)
+        assert follow.returncode == 0, shown
+        assert "backlog" in shown and "left" in shown and "Traceback" not in shown
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         assert "gridlet_sync_up 1.0" in metrics
         assert "gridlet_sync_backlog_frames" in metrics
