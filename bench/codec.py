@@ -1039,12 +1039,8 @@ def cell(m: Metrics, key: str) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def format_table(result: WindowResult) -> str:
-    header = ["field", *(title for title, _ in TABLE_COLUMNS)]
-    rows = [
-        [name, *(cell(m, key) for _, key in TABLE_COLUMNS)]
-        for name, m in [*result.fields.items(), ("TOTAL", result.total)]
-    ]
+def aligned(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(r: list[str]) -> str:
@@ -1054,6 +1050,15 @@ def format_table(result: WindowResult) -> str:
         )
 
     return "\n".join([line(header), *(line(r) for r in rows)])
+
+
+def format_table(result: WindowResult) -> str:
+    header = ["field", *(title for title, _ in TABLE_COLUMNS)]
+    rows = [
+        [name, *(cell(m, key) for _, key in TABLE_COLUMNS)]
+        for name, m in [*result.fields.items(), ("TOTAL", result.total)]
+    ]
+    return aligned(header, rows)
 
 
 def mega(v: float | int | bool | str | None) -> str:
@@ -1124,15 +1129,7 @@ def format_parts(result: WindowResult, values: int) -> str:
     rows.append(["all parts", f"{total / n:.2f}", f"{bits_per_value(total, values):.3f}", "100%"])
     lb = result.limit_bits
     rows.append(["limit (values, timestamps)", f"{lb / 8 / n:.2f}", f"{lb / values:.3f}", ""])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(r: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-
-    return "\n".join([line(header), *(line(r) for r in rows)])
+    return aligned(header, rows)
 
 
 def report(series: Series, results: Sequence[WindowResult]) -> str:

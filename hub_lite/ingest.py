@@ -38,6 +38,7 @@ from cloud_sync.protocol import MIN_TS_MS, Ack, ErrorBody
 from cloud_sync.rollup import DAY_MS, HOUR_MS, MINUTE_MS, bucket_blobs, merge_blobs
 from cloud_sync.signing import SignatureError, open_signed, verify
 
+from .blocks import decode_stored, pack_columns
 from .config import IngestConfig
 from .storage.base import BlockRecord, DeviceRecord, Storage, Tx
 
@@ -329,18 +330,8 @@ class Ingestor:
                 return None
         state = predictor_ext.new_state(len(schema.fields))
         for b in reversed(path):
-            header = BlockHeader(
-                device_id=device_id,
-                frames=b.frames,
-                first_ts_ms=b.first_ts_ms,
-                first_seq=b.first_seq,
-                chain_from=b.chain_from,
-                data=b.data,
-                schema=schema if b.chain_from == 0 else None,
-                schema_digest=rec.schema_digest,
-            )
             try:
-                decode_columns(header, schema, state)
+                decode_stored(b, schema, state)
             except BatchError:
                 log.exception("%s/%s: stored chain does not decode", node_id, device_id)
                 return None
@@ -557,22 +548,6 @@ def json_size(schema: DeviceSchema, device_id: str, ts: array[int], values: arra
     per_row = len(device_id) + 40 + sum(len(f.name) + 4 for f in schema.fields)
     ts_text = len(msgspec.json.encode(ts.tolist())) * 2  # ts and seq, about the same width
     return n * per_row + text - 2 + ts_text
-
-
-def pack_columns(ts: array[int], seqs: array[int], values: array[float]) -> bytes:
-    """Frames packed losslessly: n, then ts, seqs and the column-major values, raw."""
-    return array("q", [len(ts)]).tobytes() + ts.tobytes() + seqs.tobytes() + values.tobytes()
-
-
-def unpack_columns(data: bytes, nf: int) -> tuple[array[int], array[int], array[float]]:
-    head = array("q", data[:8])
-    n = head[0]
-    ts = array("q", data[8 : 8 + 8 * n])
-    seqs = array("q", data[8 + 8 * n : 8 + 16 * n])
-    values = array("d", data[8 + 16 * n :])
-    if len(values) != n * nf:
-        raise ValueError("a packed block does not match its schema")
-    return ts, seqs, values
 
 
 class _Intervals:

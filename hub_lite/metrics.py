@@ -20,6 +20,29 @@ __all__ = ("CONTENT_TYPE", "render")
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.split("; charset")[0]
 
 
+_COUNTERS = (
+    ("gridlet_hub_batches", "batches", "Batches stored by this process"),
+    (
+        "gridlet_hub_duplicate_batches",
+        "duplicates",
+        "Batches answered as duplicates (nothing written)",
+    ),
+    ("gridlet_hub_frames", "frames", "New frames stored by this process"),
+    (
+        "gridlet_hub_duplicate_frames",
+        "frames_duplicate",
+        "Frames dropped because the hub held their sequence numbers",
+    ),
+    ("gridlet_hub_body_bytes", "bytes", "Bytes of stored upload bodies"),
+    (
+        "gridlet_hub_chain_rebuilds",
+        "chain_rebuilds",
+        "Chain states rebuilt from the database (another process had the predecessor)",
+    ),
+)
+"""Counters of IngestStats: (metric, attribute, help)."""
+
+
 class _HubCollector(Collector):
     def __init__(
         self, ingestor: Ingestor, nodes: Sequence[NodeRecord], now_ms: int, drift_warn_ms: int
@@ -31,30 +54,8 @@ class _HubCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         st = self.ingestor.stats
-        yield CounterMetricFamily(
-            "gridlet_hub_batches", "Batches stored by this process", value=st.batches
-        )
-        yield CounterMetricFamily(
-            "gridlet_hub_duplicate_batches",
-            "Batches answered as duplicates (nothing written)",
-            value=st.duplicates,
-        )
-        yield CounterMetricFamily(
-            "gridlet_hub_frames", "New frames stored by this process", value=st.frames
-        )
-        yield CounterMetricFamily(
-            "gridlet_hub_duplicate_frames",
-            "Frames dropped because the hub held their sequence numbers",
-            value=st.frames_duplicate,
-        )
-        yield CounterMetricFamily(
-            "gridlet_hub_body_bytes", "Bytes of stored upload bodies", value=st.bytes
-        )
-        yield CounterMetricFamily(
-            "gridlet_hub_chain_rebuilds",
-            "Chain states rebuilt from the database (another process had the predecessor)",
-            value=st.chain_rebuilds,
-        )
+        for name, attr, doc in _COUNTERS:
+            yield CounterMetricFamily(name, doc, value=getattr(st, attr))
         refused = CounterMetricFamily(
             "gridlet_hub_refused_batches", "Bodies refused, by reason", labels=["reason"]
         )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import predictor_ext
 from cloud_sync import BatchError, DeviceSchema, Frame
-from cloud_sync.batch import BlockHeader, Columns, decode_columns
+from cloud_sync.batch import Columns
 
-from .ingest import unpack_columns
+from .blocks import decode_stored
 from .storage import BlockRecord, Storage
 
 __all__ = ("read_columns", "read_frames")
@@ -34,28 +34,14 @@ async def read_columns(
 
 
 def _decode(b: BlockRecord, schema: DeviceSchema, states: dict[int, bytearray]) -> Columns | None:
-    nf = len(schema.fields)
-    if b.packed:
-        ts, seqs, values = unpack_columns(b.data, nf)
-        return Columns(b.device_id, schema, ts, seqs, values)
-    if b.chain_from:
+    if b.chain_from and not b.packed:
         prev = states.get(b.chain_from)
         if prev is None:
             return None  # its chain begins before what is kept (should not happen: whole days)
         state = bytearray(prev)
     else:
-        state = predictor_ext.new_state(nf)
-    header = BlockHeader(
-        device_id=b.device_id,
-        frames=b.frames,
-        first_ts_ms=b.first_ts_ms,
-        first_seq=b.first_seq,
-        chain_from=b.chain_from,
-        data=b.data,
-        schema=schema,
-        schema_digest=b.schema_digest,
-    )
-    cols = decode_columns(header, schema, state)
+        state = predictor_ext.new_state(len(schema.fields))
+    cols = decode_stored(b, schema, state)
     states[b.batch_id] = state
     return cols
 

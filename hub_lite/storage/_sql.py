@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -22,125 +22,70 @@ __all__ = (
     "SqlStorage",
     "block_from_row",
     "block_to_row",
+    "columns",
     "completeness_from_row",
     "device_from_row",
     "device_to_row",
+    "from_row",
     "loss_rows",
     "node_from_row",
+    "to_row",
 )
 
-BLOCK_COLS = (
-    "node_id, device_id, batch_id, schema_digest, first_ts_ms, last_ts_ms, first_seq, last_seq,"
-    " frames, chain_from, key_batch, chain_len, packed, data"
-)
-DEVICE_COLS = (
-    "node_id, device_id, schema_digest, kind, model, last_ts_ms, last_seq, latest, held,"
-    " frames, n_values, wire_bytes, json_bytes"
-)
-NODE_COLS = (
-    "node_id, public_key, added_ms, last_seen_ms, last_batch_id, status, drift_ms, batches,"
-    " body_bytes"
-)
+_COLUMN = {"values": "n_values"}
+"""Record fields whose column has another name (``values`` is an SQL keyword)."""
+
+_R = TypeVar("_R", bound=msgspec.Struct)
+
+
+def columns(record: type[msgspec.Struct]) -> str:
+    """The record's columns, in its fields' order (the order rows are read and written in)."""
+    return ", ".join(_COLUMN.get(f, f) for f in record.__struct_fields__)
+
+
+BLOCK_COLS = columns(BlockRecord)
+DEVICE_COLS = columns(DeviceRecord)
+NODE_COLS = columns(NodeRecord)
+
+
+def to_row(rec: msgspec.Struct) -> tuple[Any, ...]:
+    """A record as the values of its columns (a node's status as JSON)."""
+    return tuple(
+        msgspec.json.encode(v) if isinstance(v, NodeStatus) else v
+        for v in msgspec.structs.astuple(rec)
+    )
+
+
+def from_row(record: type[_R], row: Sequence[Any]) -> _R:
+    """A record from a row of its columns: blobs as bytes, flags as bool, status decoded."""
+    fields: dict[str, Any] = {}
+    for name, v in zip(record.__struct_fields__, row, strict=True):
+        fields[name] = bytes(v) if isinstance(v, memoryview) else v
+    if fields.get("status") is not None:
+        fields["status"] = msgspec.json.decode(fields["status"], type=NodeStatus)
+    if "packed" in fields:
+        fields["packed"] = bool(fields["packed"])
+    return record(**fields)
 
 
 def block_from_row(row: Sequence[Any]) -> BlockRecord:
-    return BlockRecord(
-        node_id=row[0],
-        device_id=row[1],
-        batch_id=row[2],
-        schema_digest=bytes(row[3]),
-        first_ts_ms=row[4],
-        last_ts_ms=row[5],
-        first_seq=row[6],
-        last_seq=row[7],
-        frames=row[8],
-        chain_from=row[9],
-        key_batch=row[10],
-        chain_len=row[11],
-        packed=bool(row[12]),
-        data=bytes(row[13]),
-    )
-
-
-def block_to_row(r: BlockRecord) -> tuple[Any, ...]:
-    return (
-        r.node_id,
-        r.device_id,
-        r.batch_id,
-        r.schema_digest,
-        r.first_ts_ms,
-        r.last_ts_ms,
-        r.first_seq,
-        r.last_seq,
-        r.frames,
-        r.chain_from,
-        r.key_batch,
-        r.chain_len,
-        r.packed,
-        r.data,
-    )
+    return from_row(BlockRecord, row)
 
 
 def device_from_row(row: Sequence[Any]) -> DeviceRecord:
-    return DeviceRecord(
-        node_id=row[0],
-        device_id=row[1],
-        schema_digest=bytes(row[2]),
-        kind=row[3],
-        model=row[4],
-        last_ts_ms=row[5],
-        last_seq=row[6],
-        latest=None if row[7] is None else bytes(row[7]),
-        held=bytes(row[8]),
-        frames=row[9],
-        values=row[10],
-        wire_bytes=row[11],
-        json_bytes=row[12],
-    )
-
-
-def device_to_row(d: DeviceRecord) -> tuple[Any, ...]:
-    return (
-        d.node_id,
-        d.device_id,
-        d.schema_digest,
-        d.kind,
-        d.model,
-        d.last_ts_ms,
-        d.last_seq,
-        d.latest,
-        d.held,
-        d.frames,
-        d.values,
-        d.wire_bytes,
-        d.json_bytes,
-    )
+    return from_row(DeviceRecord, row)
 
 
 def node_from_row(row: Sequence[Any]) -> NodeRecord:
-    return NodeRecord(
-        node_id=row[0],
-        public_key=bytes(row[1]),
-        added_ms=row[2],
-        last_seen_ms=row[3],
-        last_batch_id=row[4],
-        status=None if row[5] is None else msgspec.json.decode(row[5], type=NodeStatus),
-        drift_ms=row[6],
-        batches=row[7],
-        body_bytes=row[8],
-    )
+    return from_row(NodeRecord, row)
 
 
 def completeness_from_row(row: Sequence[Any]) -> CompletenessRecord:
-    return CompletenessRecord(
-        device_id=row[0],
-        day_ms=row[1],
-        live=row[2],
-        backfill=row[3],
-        evicted=row[4],
-        rejected=row[5],
-        gaps=row[6],
-    )
+    return from_row(CompletenessRecord, row)
+
+
+block_to_row = to_row
+device_to_row = to_row
 
 
 def loss_rows(node_id: str, losses: Iterable[Loss]) -> list[tuple[Any, ...]]:

@@ -5,11 +5,12 @@ frames are counted lost, and the frames after it still go."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sqlite3
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -34,12 +35,26 @@ SCHEMA = DeviceSchema(
 def hub(tmp_path: Path) -> Iterator[Hub]:
     cfg = tmp_path / "hub.toml"
     cfg.write_text('[storage]\nurl = "sqlite:///hub.db"\n')
-    h = Hub(cfg)
-    h.start()
-    try:
+    with Hub(cfg).running() as h:
         yield h
+
+
+@contextlib.asynccontextmanager
+async def uploading(up: Uploader) -> AsyncIterator[Uploader]:
+    """The uploader running (as `gridlet run` runs it) for the block's duration."""
+    task = asyncio.create_task(run_uploader(up))
+    try:
+        yield up
     finally:
-        h.stop(signal.SIGKILL)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def registered(hub: Hub, cwd: Path, node: str = "e1") -> NodeKey:
+    """A new node key, registered with the hub."""
+    key = NodeKey.generate()
+    run("hub", "add-node", "--config", str(hub.config), node, key.public_text, cwd=cwd)
+    return key
 
 
 async def until(cond: object, timeout: float, what: str) -> None:
@@ -84,8 +99,7 @@ async def test_unknown_node_then_registered_and_a_rejected_batch(tmp_path: Path,
         def hub_seqs() -> list[int]:
             return _hub_seqs(tmp_path / "hub.db")
 
-        task = asyncio.create_task(run_uploader(up))
-        try:
+        async with uploading(up):
             await until(lambda: up.stats.state == "refused", 20, "refused as unknown")
             assert "unknown_node" in (up.stats.last_error or "")
             assert up.stats.batches == 0
@@ -103,9 +117,6 @@ async def test_unknown_node_then_registered_and_a_rejected_batch(tmp_path: Path,
             await store.write(readings(range(121, 141), now - 86_400_000))
             await store.write(readings(range(141, 161), now + 10_000))
             await until(lambda: hub_seqs() == expected, 30, "every good frame at the hub")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
         await store.write([])  # the writer's queued counts
         reader = Reader(tmp_path / "edge.db")
         assert sum(rej for _, _, _, rej in reader.losses()) == 20
@@ -120,22 +131,17 @@ async def test_unknown_node_then_registered_and_a_rejected_batch(tmp_path: Path,
 
 async def test_live_batches_chain_on_the_state_the_hub_confirmed(tmp_path: Path, hub: Hub) -> None:
     store = await Store.open(tmp_path / "edge.db")
-    key = NodeKey.generate()
-    run("hub", "add-node", "--config", str(hub.config), "e1", key.public_text, cwd=tmp_path)
+    key = registered(hub, tmp_path)
     try:
         settings = UploaderSettings(url=hub.url, node_id="e1", interval_s=0.1)
         up = Uploader(StoreSource(Runtime(store)), key, settings)
-        task = asyncio.create_task(run_uploader(up))
-        try:
+        async with uploading(up):
             now = int(time.time() * 1000)
             for i in range(30):
                 await store.write(readings(range(5 * i + 1, 5 * i + 6), now - 10_000 + 200 * i))
                 up.poke()
                 target = 5 * i + 5
                 await until(lambda t=target: up.stats.frames >= t, 10, "each write uploaded")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
         # One keyframe, then every live batch continues the one before.
         assert up.stats.keyframes == 1, (up.stats.keyframes, up.stats.chained)
         assert up.stats.chained >= 25
@@ -146,18 +152,13 @@ async def test_live_batches_chain_on_the_state_the_hub_confirmed(tmp_path: Path,
 
 async def test_heartbeat_without_frames_and_clock_drift_flagged(tmp_path: Path, hub: Hub) -> None:
     store = await Store.open(tmp_path / "edge.db")
-    key = NodeKey.generate()
-    run("hub", "add-node", "--config", str(hub.config), "e1", key.public_text, cwd=tmp_path)
+    key = registered(hub, tmp_path)
     try:
         settings = UploaderSettings(url=hub.url, node_id="e1", interval_s=0.1, heartbeat_s=0.5)
         # This node's clock runs 2 minutes fast.
         up = Uploader(StoreSource(Runtime(store)), key, settings, clock=lambda: time.time() + 120)
-        task = asyncio.create_task(run_uploader(up))
-        try:
+        async with uploading(up):
             await until(lambda: up.stats.batches >= 3, 20, "heartbeats with no frames")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
         assert up.stats.frames == 0
         assert up.stats.drift_ms is not None and 115_000 < up.stats.drift_ms < 125_000
         assert up.stats.drift_flagged
@@ -249,16 +250,14 @@ async def test_live_frames_flow_while_a_backlog_drains_oldest_first(
     tmp_path: Path, hub: Hub
 ) -> None:
     store = await Store.open(tmp_path / "edge.db")
-    key = NodeKey.generate()
-    run("hub", "add-node", "--config", str(hub.config), "e1", key.public_text, cwd=tmp_path)
+    key = registered(hub, tmp_path)
     try:
         now = int(time.time() * 1000)
         # An outage's worth of frames, stored while no hub was there.
         await store.write(readings(range(1, 30_001), now - 40_000_000))
         settings = UploaderSettings(url=hub.url, node_id="e1", interval_s=0.2, max_rows=50)
         up = Uploader(StoreSource(Runtime(store)), key, settings)
-        task = asyncio.create_task(run_uploader(up))
-        try:
+        async with uploading(up):
             # What was stored before the uploader started is the backlog.
             await until(
                 lambda: "m" in store.sync and store.sync["m"].live_from == 30_000,
@@ -281,9 +280,6 @@ async def test_live_frames_flow_while_a_backlog_drains_oldest_first(
             assert behind[0] > 0, "the first live frame waited for the whole backlog"
             await until(lambda: len(_hub_seqs(tmp_path / "hub.db")) == seq, 120, "all drained")
             await until(lambda: store.sync["m"].acked == seq, 10, "the node knows")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
         st = store.sync["m"]
         assert st.acked == st.live_from == st.live_acked == seq
     finally:
@@ -294,16 +290,14 @@ async def test_a_chain_the_hub_cannot_continue_falls_back_to_a_keyframe(
     tmp_path: Path, hub: Hub
 ) -> None:
     store = await Store.open(tmp_path / "edge.db")
-    key = NodeKey.generate()
-    run("hub", "add-node", "--config", str(hub.config), "e1", key.public_text, cwd=tmp_path)
+    key = registered(hub, tmp_path)
     try:
         up = Uploader(
             StoreSource(Runtime(store)),
             key,
             UploaderSettings(url=hub.url, node_id="e1", interval_s=0.1),
         )
-        task = asyncio.create_task(run_uploader(up))
-        try:
+        async with uploading(up):
             now = int(time.time() * 1000)
             seq = 0
             for _ in range(5):
@@ -325,9 +319,6 @@ async def test_a_chain_the_hub_cannot_continue_falls_back_to_a_keyframe(
                 seq += 5
                 up.poke()
                 await until(lambda s=seq: up.stats.frames >= s, 30, "uploaded after the restart")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
         assert up.stats.chains_refused >= 1
         assert set(range(26, seq + 1)) <= set(_hub_seqs(tmp_path / "hub.db"))
     finally:

@@ -4,7 +4,6 @@ clock drift, devices with latest values and compression figures, frames, complet
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,12 +32,8 @@ def hub(tmp_path: Path) -> Iterator[Hub]:
         f'[hub]\nadmin_token_hash = "{hash_token(TOKEN)}"\n'
         '[storage]\nurl = "sqlite:///hub.db"\n[ingest]\nmax_body_bytes = 65536\n'
     )
-    h = Hub(cfg)
-    h.start()
-    try:
+    with Hub(cfg).running() as h:
         yield h
-    finally:
-        h.stop(signal.SIGKILL)
 
 
 def post(hub: Hub, body: bytes) -> httpx.Response:

@@ -112,6 +112,15 @@ class Hub:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Hub]:
+        """Started for the block; killed at its end, whatever happened (workers too)."""
+        try:
+            self.start()
+            yield self
+        finally:
+            self.stop(signal.SIGKILL)
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None:
             if self.proc.poll() is None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,14 +32,8 @@ T0 = 1_790_000_000_000
 def hubs(tmp_path: Path, pg_url: str) -> Iterator[tuple[Hub, Hub]]:
     cfg = tmp_path / "hub.toml"
     cfg.write_text(f'[storage]\nurl = "{pg_url}"\n[ingest]\nmax_future_s = 1e9\n')
-    a, b = Hub(cfg), Hub(cfg)
-    try:
-        a.start()
-        b.start()
+    with Hub(cfg).running() as a, Hub(cfg).running() as b:
         yield a, b
-    finally:
-        a.stop(signal.SIGKILL)
-        b.stop(signal.SIGKILL)
 
 
 def test_the_same_batches_at_two_hubs_are_stored_once(
